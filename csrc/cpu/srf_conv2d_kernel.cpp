@@ -1,0 +1,340 @@
+// CPU kernel of dcn_fast::srf_conv2d: the separable basis algorithm
+// (DESIGN.md §2), tiled over (image, block of output rows).
+//
+// Per tile and input channel: one 1-D pass along W with the N+1 taps over the
+// tile's input footprint, then one pass along H per basis pair (l, m); the
+// F basis responses of the tile's C_in/groups channels feed one GEMM with α.
+// Only one tile's responses exist at a time per thread, never the whole
+// [B, F*C_in, Ho, Wo] stack. The backward recomputes them.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <tuple>
+#include <vector>
+
+namespace dcn_fast {
+namespace {
+
+// About this many output pixels per tile: enough columns for the GEMM to run
+// near its peak, few enough that a tile's buffers stay in L2.
+constexpr int64_t kTilePixels = 256;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Geometry {
+  int64_t batch, c_in, height, width, c_out, groups, c_in_g, c_out_g;
+  int64_t order1, n_basis, k, stride_h, stride_w, pad_h, pad_w;
+  int64_t out_h, out_w, padded_w, tile_rows, n_tiles, max_footprint;
+  std::vector<int64_t> row_tap, col_tap;  // (l, m) of each basis function
+
+  int64_t footprint(int64_t rows) const { return (rows - 1) * stride_h + k; }
+};
+
+Geometry make_geometry(const at::Tensor& input, const at::Tensor& taps, const at::Tensor& alpha,
+                       at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups) {
+  TORCH_CHECK(input.dim() == 4, "srf_conv2d: input must be 4-D [B, C_in, H, W], got ", input.sizes());
+  TORCH_CHECK(taps.dim() == 2 && taps.size(1) % 2 == 1,
+              "srf_conv2d: taps must be [order+1, K] with K odd, got ", taps.sizes());
+  TORCH_CHECK(alpha.dim() == 3, "srf_conv2d: alpha must be [F, C_in/groups, C_out], got ", alpha.sizes());
+  TORCH_CHECK(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1, "srf_conv2d: stride must be >= 1, got ", stride);
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
+              "srf_conv2d: padding must be >= 0, got ", padding);
+  TORCH_CHECK(groups >= 1, "srf_conv2d: groups must be >= 1, got ", groups);
+  TORCH_CHECK(input.scalar_type() == taps.scalar_type() && input.scalar_type() == alpha.scalar_type(),
+              "srf_conv2d: input, taps and alpha must share one dtype, got ", input.scalar_type(), ", ",
+              taps.scalar_type(), ", ", alpha.scalar_type());
+  Geometry g;
+  g.batch = input.size(0);
+  g.c_in = input.size(1);
+  g.height = input.size(2);
+  g.width = input.size(3);
+  g.c_out = alpha.size(2);
+  g.groups = groups;
+  g.order1 = taps.size(0);
+  g.k = taps.size(1);
+  g.n_basis = g.order1 * (g.order1 + 1) / 2;
+  TORCH_CHECK(alpha.size(0) == g.n_basis, "srf_conv2d: alpha.size(0) must be F = ", g.n_basis, " for ", g.order1,
+              " tap rows, got ", alpha.size(0));
+  TORCH_CHECK(g.c_in % groups == 0 && alpha.size(1) * groups == g.c_in,
+              "srf_conv2d: alpha.size(1) * groups must equal C_in = ", g.c_in, ", got ", alpha.size(1), " * ", groups);
+  TORCH_CHECK(g.c_out % groups == 0, "srf_conv2d: groups must divide C_out = ", g.c_out);
+  g.c_in_g = g.c_in / groups;
+  g.c_out_g = g.c_out / groups;
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_h = padding[0];
+  g.pad_w = padding[1];
+  TORCH_CHECK(g.height + 2 * g.pad_h >= g.k && g.width + 2 * g.pad_w >= g.k, "srf_conv2d: padded input ",
+              g.height + 2 * g.pad_h, "x", g.width + 2 * g.pad_w, " is smaller than the kernel (", g.k, ")");
+  g.out_h = (g.height + 2 * g.pad_h - g.k) / g.stride_h + 1;
+  g.out_w = (g.width + 2 * g.pad_w - g.k) / g.stride_w + 1;
+  g.padded_w = g.width + 2 * g.pad_w;
+  for (int64_t l = 0; l < g.order1; ++l)
+    for (int64_t m = g.order1 - 1 - l; m >= 0; --m) {
+      g.row_tap.push_back(l);
+      g.col_tap.push_back(m);
+    }
+  // Tall enough that the input footprints of tiles two apart never overlap:
+  // the backward scatters into grad_input in an even and an odd sweep.
+  int64_t rows = std::max(ceil_div(kTilePixels, g.out_w), ceil_div(g.k, g.stride_h));
+  g.tile_rows = std::min(rows, g.out_h);
+  g.n_tiles = ceil_div(g.out_h, g.tile_rows);
+  g.max_footprint = g.footprint(g.tile_rows);
+  return g;
+}
+
+// Copies input row h (or zeros, outside the image) into a zero-padded buffer.
+template <typename scalar_t>
+bool load_row(const scalar_t* plane, const Geometry& g, int64_t h, scalar_t* row) {
+  if (h < 0 || h >= g.height) return false;
+  std::fill(row, row + g.pad_w, scalar_t(0));
+  std::copy(plane + h * g.width, plane + (h + 1) * g.width, row + g.pad_w);
+  std::fill(row + g.pad_w + g.width, row + g.padded_w, scalar_t(0));
+  return true;
+}
+
+// z[m][r][wo] = Σ_c taps[m][c] · x_padded[first_row + r][wo·sW + c], r < footprint.
+template <typename scalar_t>
+void pass_along_w(const scalar_t* plane, const scalar_t* taps, const Geometry& g, int64_t first_row,
+                  int64_t footprint, scalar_t* row, scalar_t* z) {
+  std::fill(z, z + g.order1 * footprint * g.out_w, scalar_t(0));
+  for (int64_t r = 0; r < footprint; ++r) {
+    if (!load_row(plane, g, first_row + r - g.pad_h, row)) continue;
+    for (int64_t m = 0; m < g.order1; ++m) {
+      scalar_t* dst = z + (m * footprint + r) * g.out_w;
+      for (int64_t c = 0; c < g.k; ++c) {
+        const scalar_t tap = taps[m * g.k + c];
+        const scalar_t* src = row + c;
+        for (int64_t wo = 0; wo < g.out_w; ++wo) dst[wo] += tap * src[wo * g.stride_w];
+      }
+    }
+  }
+}
+
+// Responses of basis f of one channel: resp[f][ho][wo] = Σ_a b_l[a] · z[m][ho·sH + a][wo];
+// row f of the tile's response matrix is f * C_in_g + channel.
+template <typename scalar_t>
+void pass_along_h(const scalar_t* z, const scalar_t* taps, const Geometry& g, int64_t rows, int64_t footprint,
+                  int64_t channel, scalar_t* responses) {
+  const int64_t pixels = rows * g.out_w;
+  for (int64_t f = 0; f < g.n_basis; ++f) {
+    const scalar_t* taps_l = taps + g.row_tap[f] * g.k;
+    const scalar_t* z_m = z + g.col_tap[f] * footprint * g.out_w;
+    scalar_t* dst = responses + (f * g.c_in_g + channel) * pixels;
+    std::fill(dst, dst + pixels, scalar_t(0));
+    for (int64_t ho = 0; ho < rows; ++ho)
+      for (int64_t a = 0; a < g.k; ++a) {
+        const scalar_t tap = taps_l[a];
+        const scalar_t* src = z_m + (ho * g.stride_h + a) * g.out_w;
+        scalar_t* out = dst + ho * g.out_w;
+        for (int64_t wo = 0; wo < g.out_w; ++wo) out[wo] += tap * src[wo];
+      }
+  }
+}
+
+// The per-tile work both directions share: where the tile is, and the
+// [C_out_g, pixels] window of an output-shaped tensor for image b, group grp.
+struct Tile {
+  int64_t b, first_out_row, rows, pixels, footprint, first_padded_row;
+};
+
+Tile make_tile(const Geometry& g, int64_t b, int64_t t) {
+  Tile tile;
+  tile.b = b;
+  tile.first_out_row = t * g.tile_rows;
+  tile.rows = std::min(g.tile_rows, g.out_h - tile.first_out_row);
+  tile.pixels = tile.rows * g.out_w;
+  tile.footprint = g.footprint(tile.rows);
+  tile.first_padded_row = tile.first_out_row * g.stride_h;
+  return tile;
+}
+
+at::Tensor output_window(const at::Tensor& out, const Geometry& g, const Tile& tile, int64_t grp) {
+  return out.select(0, tile.b)
+      .narrow(0, grp * g.c_out_g, g.c_out_g)
+      .narrow(1, tile.first_out_row, tile.rows)
+      .view({g.c_out_g, tile.pixels});
+}
+
+at::Tensor srf_conv2d_cpu(const at::Tensor& input_, const at::Tensor& taps_, const at::Tensor& alpha_,
+                          at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups) {
+  const Geometry g = make_geometry(input_, taps_, alpha_, stride, padding, groups);
+  // Detached: the GEMMs below must not meet autograd, here or in worker threads.
+  const at::Tensor input = input_.detach().contiguous(), taps = taps_.detach().contiguous(),
+                   alpha = alpha_.detach().contiguous();
+  at::Tensor out = at::empty({g.batch, g.c_out, g.out_h, g.out_w}, input.options());
+  const at::Tensor alpha2d = alpha.view({g.n_basis * g.c_in_g, g.c_out});
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "srf_conv2d_cpu", [&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* tp = taps.const_data_ptr<scalar_t>();
+    at::parallel_for(0, g.batch * g.n_tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> row(g.padded_w), z(g.order1 * g.max_footprint * g.out_w);
+      std::vector<scalar_t> resp(g.n_basis * g.c_in_g * g.tile_rows * g.out_w);
+      for (int64_t item = begin; item < end; ++item) {
+        const Tile tile = make_tile(g, item / g.n_tiles, item % g.n_tiles);
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          for (int64_t i = 0; i < g.c_in_g; ++i) {
+            const scalar_t* plane = x + (tile.b * g.c_in + grp * g.c_in_g + i) * g.height * g.width;
+            pass_along_w(plane, tp, g, tile.first_padded_row, tile.footprint, row.data(), z.data());
+            pass_along_h(z.data(), tp, g, tile.rows, tile.footprint, i, resp.data());
+          }
+          const at::Tensor responses = at::from_blob(resp.data(), {g.n_basis * g.c_in_g, tile.pixels}, input.options());
+          const at::Tensor a = alpha2d.narrow(1, grp * g.c_out_g, g.c_out_g);
+          at::Tensor y = output_window(out, g, tile, grp);
+          at::mm_out(y, a.t(), responses);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> srf_conv2d_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input_, const at::Tensor& taps_, const at::Tensor& alpha_,
+    at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups, std::array<bool, 3> output_mask) {
+  const Geometry g = make_geometry(input_, taps_, alpha_, stride, padding, groups);
+  const auto [need_input, need_taps, need_alpha] = output_mask;
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.batch, g.c_out, g.out_h, g.out_w}),
+              "srf_conv2d_backward: grad_output has shape ", grad_output.sizes());
+  // The input is read only for the taps and alpha gradients (the autograd
+  // formula passes a broadcast placeholder otherwise).
+  const bool read_input = need_taps || need_alpha;
+  const at::Tensor input = read_input ? input_.detach().contiguous() : input_;
+  // Detached: the GEMMs below must not meet autograd, here or in worker threads.
+  const at::Tensor taps = taps_.detach().contiguous(), alpha = alpha_.detach().contiguous(),
+                   gy = grad_output.detach().contiguous();
+  const at::Tensor alpha2d = alpha.view({g.n_basis * g.c_in_g, g.c_out});
+  const auto options = taps.options();
+
+  // One partial sum per thread, reduced in thread order: deterministic for a
+  // given number of threads.
+  const int64_t n_threads = at::get_num_threads();
+  at::Tensor grad_input, alpha_parts, taps_parts;
+  if (need_input) grad_input = at::zeros({g.batch, g.c_in, g.height, g.width}, options);
+  if (need_alpha) alpha_parts = at::zeros({n_threads, g.n_basis * g.c_in_g, g.c_out}, options);
+  if (need_taps) taps_parts = at::zeros({n_threads, g.order1, g.k}, options);
+
+  AT_DISPATCH_FLOATING_TYPES(taps.scalar_type(), "srf_conv2d_backward_cpu", [&] {
+    const scalar_t* x = read_input ? input.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* tp = taps.const_data_ptr<scalar_t>();
+    scalar_t* gx = need_input ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+    const int64_t plane_size = g.height * g.width;
+    const int64_t z_size = g.order1 * g.max_footprint * g.out_w;
+    const int64_t resp_size = g.n_basis * g.c_in_g * g.tile_rows * g.out_w;
+
+    for (int64_t parity = 0; parity < 2; ++parity) {
+      const int64_t per_image = (g.n_tiles - parity + 1) / 2;
+      at::parallel_for(0, g.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+        const int64_t tid = at::get_thread_num();
+        TORCH_CHECK(tid < n_threads, "srf_conv2d_backward: thread id ", tid, " >= ", n_threads);
+        std::vector<scalar_t> row(g.padded_w), grad_row(g.padded_w);
+        std::vector<scalar_t> z(read_input ? g.c_in_g * z_size : 0), grad_z(z_size);
+        std::vector<scalar_t> resp(need_alpha ? resp_size : 0), grad_resp(resp_size);
+        std::vector<scalar_t> grad_taps(g.order1 * g.k, scalar_t(0));
+        for (int64_t item = begin; item < end; ++item) {
+          const Tile tile = make_tile(g, item / per_image, parity + 2 * (item % per_image));
+          for (int64_t grp = 0; grp < g.groups; ++grp) {
+            const at::Tensor gy_tile = output_window(gy, g, tile, grp);
+            const at::Tensor a = alpha2d.narrow(1, grp * g.c_out_g, g.c_out_g);
+            const int64_t first_channel = tile.b * g.c_in + grp * g.c_in_g;
+            if (read_input) {
+              for (int64_t i = 0; i < g.c_in_g; ++i) {
+                scalar_t* z_i = z.data() + i * z_size;
+                pass_along_w(x + (first_channel + i) * plane_size, tp, g, tile.first_padded_row, tile.footprint,
+                             row.data(), z_i);
+                if (need_alpha) pass_along_h(z_i, tp, g, tile.rows, tile.footprint, i, resp.data());
+              }
+            }
+            if (need_alpha) {
+              const at::Tensor responses =
+                  at::from_blob(resp.data(), {g.n_basis * g.c_in_g, tile.pixels}, options);
+              alpha_parts.select(0, tid).narrow(1, grp * g.c_out_g, g.c_out_g).addmm_(responses, gy_tile.t());
+            }
+            if (!(need_input || need_taps)) continue;
+            at::Tensor grad_responses =
+                at::from_blob(grad_resp.data(), {g.n_basis * g.c_in_g, tile.pixels}, options);
+            at::mm_out(grad_responses, a, gy_tile);
+
+            for (int64_t i = 0; i < g.c_in_g; ++i) {
+              // Transposed H pass: grad_z[m][ho·sH + a][wo] += b_l[a] · grad_resp[f][ho][wo];
+              // its product with z gives the row taps' gradient.
+              std::fill(grad_z.begin(), grad_z.begin() + g.order1 * tile.footprint * g.out_w, scalar_t(0));
+              const scalar_t* z_i = read_input ? z.data() + i * z_size : nullptr;
+              for (int64_t f = 0; f < g.n_basis; ++f) {
+                const int64_t l = g.row_tap[f], m = g.col_tap[f];
+                const scalar_t* src_f = grad_resp.data() + (f * g.c_in_g + i) * tile.pixels;
+                for (int64_t ho = 0; ho < tile.rows; ++ho) {
+                  const scalar_t* src = src_f + ho * g.out_w;
+                  for (int64_t a_ = 0; a_ < g.k; ++a_) {
+                    const int64_t r = ho * g.stride_h + a_;
+                    scalar_t* dst = grad_z.data() + (m * tile.footprint + r) * g.out_w;
+                    const scalar_t tap = tp[l * g.k + a_];
+                    for (int64_t wo = 0; wo < g.out_w; ++wo) dst[wo] += tap * src[wo];
+                    if (need_taps) {
+                      const scalar_t* zr = z_i + (m * tile.footprint + r) * g.out_w;
+                      scalar_t acc = 0;
+                      for (int64_t wo = 0; wo < g.out_w; ++wo) acc += src[wo] * zr[wo];
+                      grad_taps[l * g.k + a_] += acc;
+                    }
+                  }
+                }
+              }
+              // Transposed W pass, row by row of the footprint.
+              const scalar_t* plane = read_input ? x + (first_channel + i) * plane_size : nullptr;
+              scalar_t* grad_plane = need_input ? gx + (first_channel + i) * plane_size : nullptr;
+              for (int64_t r = 0; r < tile.footprint; ++r) {
+                const int64_t h = tile.first_padded_row + r - g.pad_h;
+                if (h < 0 || h >= g.height) continue;
+                if (need_taps) load_row(plane, g, h, row.data());
+                if (need_input) std::fill(grad_row.begin(), grad_row.end(), scalar_t(0));
+                for (int64_t m = 0; m < g.order1; ++m) {
+                  const scalar_t* gz = grad_z.data() + (m * tile.footprint + r) * g.out_w;
+                  for (int64_t c = 0; c < g.k; ++c) {
+                    if (need_input) {
+                      const scalar_t tap = tp[m * g.k + c];
+                      scalar_t* dst = grad_row.data() + c;
+                      for (int64_t wo = 0; wo < g.out_w; ++wo) dst[wo * g.stride_w] += tap * gz[wo];
+                    }
+                    if (need_taps) {
+                      const scalar_t* src = row.data() + c;
+                      scalar_t acc = 0;
+                      for (int64_t wo = 0; wo < g.out_w; ++wo) acc += gz[wo] * src[wo * g.stride_w];
+                      grad_taps[m * g.k + c] += acc;
+                    }
+                  }
+                }
+                if (need_input) {
+                  scalar_t* dst = grad_plane + h * g.width;
+                  const scalar_t* src = grad_row.data() + g.pad_w;
+                  for (int64_t w = 0; w < g.width; ++w) dst[w] += src[w];
+                }
+              }
+            }
+          }
+        }
+        if (need_taps) {
+          scalar_t* part = taps_parts.select(0, tid).mutable_data_ptr<scalar_t>();
+          for (int64_t j = 0; j < g.order1 * g.k; ++j) part[j] += grad_taps[j];
+        }
+      });
+    }
+  });
+
+  at::Tensor grad_taps, grad_alpha;
+  if (need_taps) grad_taps = taps_parts.sum(0);
+  if (need_alpha) grad_alpha = alpha_parts.sum(0).view({g.n_basis, g.c_in_g, g.c_out});
+  return {grad_input, grad_taps, grad_alpha};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dcn_fast, CPU, m) {
+  m.impl("srf_conv2d", &srf_conv2d_cpu);
+  m.impl("srf_conv2d_backward", &srf_conv2d_backward_cpu);
+}
+
+}  // namespace dcn_fast

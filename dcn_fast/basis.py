@@ -1,0 +1,120 @@
+"""The 1-D Gaussian-derivative taps of the SRF basis, with analytic gradients.
+
+Every fast backend consumes the same taps ``b_n(x)`` (n = 0..order, x = -R..R)
+and hands back ``dL/db_n(x)``; this module turns σ into taps and those tap
+gradients into the gradient of the log2-scale, using the closed form of
+DESIGN.md §2 rather than autograd through the construction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "MAX_RADIUS",
+    "num_basis",
+    "basis_pairs",
+    "radius_of",
+    "srf_taps",
+    "basis_from_taps",
+]
+
+#: Largest tap radius any backend accepts (kernel size ``2 * MAX_RADIUS + 1``).
+#: At the default ``truncate=2`` this is reached at σ ≈ 31.7 (scale ≈ 4.99).
+MAX_RADIUS = 64
+
+
+def num_basis(order: int) -> int:
+    """Number F of 2-D basis functions of an N-jet of ``order`` N: (N+1)(N+2)/2."""
+    return (order + 1) * (order + 2) // 2
+
+
+def basis_pairs(order: int) -> list[tuple[int, int]]:
+    """The published order of the 2-D basis: ``(l, m)`` for l in 0..N, m in N-l..0.
+
+    ``B_(l,m)(p, q) = b_l(p) * b_m(q)`` with p along H (rows), q along W.
+    """
+    return [(l, m) for l in range(order + 1) for m in range(order - l, -1, -1)]
+
+
+def radius_of(sigma: float, truncate: float) -> int:
+    """Published truncation radius ``ceil(truncate * sigma + 0.5)``."""
+    return int(math.ceil(truncate * sigma + 0.5))
+
+
+def _hermite(u: torch.Tensor, order: int) -> list[torch.Tensor]:
+    """Physicists' Hermite polynomials H_0..H_order at u (one more for the gradient)."""
+    polys = [torch.ones_like(u), 2 * u]
+    for n in range(2, order + 1):
+        polys.append(2 * u * polys[n - 1] - 2 * (n - 1) * polys[n - 2])
+    return polys[: order + 1]
+
+
+def _taps_forward(scale: torch.Tensor, order: int, radius: int, truncate: float | None):
+    """Taps [..., order+1, 2*radius+1] plus what the analytic backward needs."""
+    sigma = torch.exp2(scale)[..., None]  # [..., 1]
+    x = torch.arange(-radius, radius + 1, dtype=scale.dtype, device=scale.device)
+    g = torch.exp(-(x * x) / (2 * sigma * sigma))
+    if truncate is not None:
+        # Taps past each σ's own radius are zero, so one launch serves every σ
+        # (per-channel scales, or a radius bound larger than needed).
+        own_radius = torch.ceil(truncate * sigma + 0.5)
+        g = torch.where(x.abs() <= own_radius, g, torch.zeros_like(g))
+    g_hat = g / g.sum(-1, keepdim=True)
+    u = x / (math.sqrt(2.0) * sigma)
+    hermite = _hermite(u, order)
+    sign = [(-1.0 / math.sqrt(2.0)) ** n for n in range(order + 1)]
+    taps = torch.stack([sign[n] * hermite[n] * g_hat for n in range(order + 1)], -2)
+    return taps, sigma, x, g_hat, u, hermite, sign
+
+
+class _SRFTaps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scale, order, radius, truncate):
+        taps, *_ = _taps_forward(scale, order, radius, truncate)
+        ctx.save_for_backward(scale)
+        ctx.order, ctx.radius, ctx.truncate = order, radius, truncate
+        return taps
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_taps):
+        (scale,) = ctx.saved_tensors
+        _, sigma, x, g_hat, u, hermite, sign = _taps_forward(scale, ctx.order, ctx.radius, ctx.truncate)
+        energy = (g_hat * x * x).sum(-1, keepdim=True)  # E = Σ ĝ x²
+        d_g_hat = g_hat * (x * x - energy) / sigma**3
+        grad_sigma = torch.zeros_like(scale)
+        for n in range(ctx.order + 1):
+            d_tap = hermite[n] * d_g_hat
+            if n > 0:
+                d_tap = d_tap - 2 * n * hermite[n - 1] * (u / sigma) * g_hat
+            grad_sigma = grad_sigma + sign[n] * (grad_taps[..., n, :] * d_tap).sum(-1)
+        return grad_sigma * sigma[..., 0] * math.log(2.0), None, None, None
+
+
+def srf_taps(scale: torch.Tensor, order: int, radius: int, truncate: float | None) -> torch.Tensor:
+    """1-D scale-normalised Gaussian-derivative taps, published normalisation.
+
+    Args:
+        scale: log2 σ, any shape ``S``.
+        order: highest derivative order N (≥ 0).
+        radius: taps are laid out at offsets ``-radius..radius``.
+        truncate: ``k`` of the published radius ``ceil(k σ + 0.5)``; taps past
+            that radius are zero and excluded from the normalisation. ``None``
+            keeps every offset (fixed ``kernel_size``, the σ^ji variant).
+
+    Returns:
+        ``[*S, order + 1, 2 * radius + 1]``, ``b_n(x) = (-1/√2)^n H_n(x/(√2σ)) ĝ(x)``.
+        Differentiable in ``scale`` through the closed-form tap gradient.
+    """
+    return _SRFTaps.apply(scale, order, radius, truncate)
+
+
+def basis_from_taps(taps: torch.Tensor, order: int) -> torch.Tensor:
+    """2-D basis ``[..., F, K, K]`` from 1-D taps ``[..., order+1, K]``."""
+    pairs = basis_pairs(order)
+    rows = taps[..., [l for l, _ in pairs], :]
+    cols = taps[..., [m for _, m in pairs], :]
+    return rows[..., :, None] * cols[..., None, :]

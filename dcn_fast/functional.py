@@ -1,0 +1,206 @@
+"""``srf_conv2d``: the SRF convolution with validated arguments and backend dispatch."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from . import ops
+from .basis import MAX_RADIUS, num_basis, srf_taps
+from .reference import srf_conv2d_reference
+from .separable import dense_srf_conv2d, separable_srf_conv2d
+
+__all__ = ["srf_conv2d", "BACKENDS", "resolve_backend"]
+
+BACKENDS = ("auto", "reference", "separable", "cpu")
+
+IntPair = Union[int, tuple[int, int]]
+Padding = Union[str, int, tuple[int, int]]
+
+
+def _pair(value, name: str, minimum: int) -> tuple[int, int]:
+    items = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else None
+    if items is None or len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(items) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return items
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Validated geometry of one call."""
+
+    sharing: str  # "layer" | "channel" | "pair"
+    radius: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+
+
+def _validate(input, scale, alpha, order, truncate, stride, padding, groups, bias, kernel_size) -> _Spec:
+    for name, t in (("input", input), ("scale", scale), ("alpha", alpha)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if input.dim() != 4:
+        raise ValueError(f"input must be 4-D [batch, channels, height, width], got shape {tuple(input.shape)}")
+    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
+        raise ValueError(f"order must be an int >= 0, got {order!r}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    if not (isinstance(truncate, (int, float)) and math.isfinite(truncate) and truncate > 0):
+        raise ValueError(f"truncate must be a finite number > 0, got {truncate!r}")
+    c_in = input.shape[1]
+    if c_in % groups:
+        raise ValueError(f"groups={groups} must divide the input channels ({c_in})")
+    n_basis = num_basis(order)
+    if alpha.dim() != 3 or alpha.shape[0] != n_basis or alpha.shape[1] * groups != c_in:
+        raise ValueError(
+            f"alpha must have shape [F, C_in/groups, C_out] = [{n_basis}, {c_in // groups}, C_out] for order={order}, "
+            f"groups={groups} and {c_in} input channels, got {tuple(alpha.shape)}"
+        )
+    c_out = alpha.shape[2]
+    if c_out < 1 or c_out % groups:
+        raise ValueError(f"groups={groups} must divide the output channels (alpha.shape[2] = {c_out})")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c_out,)):
+        raise ValueError(f"bias must be None or a tensor of shape [{c_out}], got {getattr(bias, 'shape', bias)!r}")
+    for name, t in (("scale", scale), ("alpha", alpha), ("bias", bias)):
+        if t is not None and t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+
+    if scale.numel() == 1 and scale.dim() <= 1:
+        sharing = "layer"
+    elif tuple(scale.shape) == (c_out,):
+        sharing = "channel"
+    elif tuple(scale.shape) == (c_out, c_in // groups):
+        sharing = "pair"
+    else:
+        raise ValueError(
+            f"scale must have shape [1] (one σ per layer), [C_out] = [{c_out}] or "
+            f"[C_out, C_in/groups] = [{c_out}, {c_in // groups}], got {tuple(scale.shape)}"
+        )
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError("scale (log2 σ) must be finite, got NaN or inf")
+
+    if kernel_size is not None:
+        if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be None or an odd int >= 1, got {kernel_size!r}")
+        radius = kernel_size // 2
+        if radius > MAX_RADIUS:
+            raise ValueError(f"kernel_size must be <= {2 * MAX_RADIUS + 1}, got {kernel_size}")
+    else:
+        if sharing == "pair":
+            raise ValueError("one σ per (output, input) pair needs a fixed kernel_size (published σ^ji: 7)")
+        # Same arithmetic as the taps' own truncation, so both agree at the edges.
+        radius_t = torch.ceil(truncate * (2.0 ** scale.detach()).max() + 0.5)
+        radius = int(radius_t.item())
+        if radius > MAX_RADIUS:
+            limit = math.log2((MAX_RADIUS - 0.5) / truncate)
+            raise ValueError(
+                f"scale too large: σ = {float(2.0 ** scale.detach().max()):.4g} with truncate={truncate} gives a "
+                f"kernel of {2 * radius + 1} taps; the cap is {2 * MAX_RADIUS + 1} (scale <= {limit:.3f})"
+            )
+
+    stride = _pair(stride, "stride", 1)
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same', 'valid', an int >= 0 or a pair, got {padding!r}")
+        pad = (radius, radius) if padding == "same" else (0, 0)
+    else:
+        pad = _pair(padding, "padding", 0)
+    height, width = input.shape[-2:]
+    k = 2 * radius + 1
+    if height + 2 * pad[0] < k or width + 2 * pad[1] < k:
+        raise ValueError(
+            f"input of {height}x{width} with padding {pad} is smaller than the {k}x{k} kernel; "
+            "use padding='same' or a smaller scale"
+        )
+    return _Spec(sharing, radius, stride, pad)
+
+
+def resolve_backend(backend: str, input: torch.Tensor) -> str:
+    """The backend that runs for ``backend`` on ``input``'s device.
+
+    ``auto`` picks ``cpu`` (the C++ kernel) for CPU tensors when it is built,
+    else ``separable``. An explicit ``cpu`` without the built kernel falls back
+    to ``separable`` with one warning.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if backend == "cpu" and input.device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got input on {input.device}")
+    if backend == "auto":
+        return "cpu" if input.device.type == "cpu" and ops.cpu_kernel_available() else "separable"
+    if backend == "cpu" and not ops.cpu_kernel_available(warn=True):
+        return "separable"
+    return backend
+
+
+def srf_conv2d(
+    input: torch.Tensor,
+    scale: torch.Tensor,
+    alpha: torch.Tensor,
+    *,
+    order: int = 2,
+    truncate: float = 2.0,
+    stride: IntPair = 1,
+    padding: Padding = "same",
+    groups: int = 1,
+    bias: torch.Tensor | None = None,
+    kernel_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Structured-receptive-field convolution (Gaussian-derivative N-jet basis).
+
+    The filter is ``W[o, i] = Σ_f alpha[f, i, o] · B_f`` with the published
+    2-D basis ``B_(l,m) = b_l ⊗ b_m`` of scale-normalised Gaussian derivatives
+    at σ = 2^scale (``../shared/DESIGN.md`` §1), applied as a cross-correlation.
+
+    Args:
+        input: ``[B, C_in, H, W]``.
+        scale: log2 σ: ``[1]`` one σ per layer, ``[C_out]`` one per output
+            channel, or ``[C_out, C_in/groups]`` one per pair (σ^ji, needs
+            ``kernel_size``).
+        alpha: coefficients ``[F, C_in/groups, C_out]``, F = (order+1)(order+2)/2.
+        order: highest derivative order N ≥ 0.
+        truncate: radius ``r = ceil(truncate·σ + 0.5)``, K = 2r + 1 (with several
+            σ: K from the largest, each σ zeroed past its own r).
+        stride: int or (sH, sW), ≥ 1.
+        padding: ``"same"`` (= r, as published), ``"valid"``, an int or a pair.
+        groups: as in ``nn.Conv2d``; must divide C_in and C_out.
+        bias: optional ``[C_out]``.
+        kernel_size: fixed odd K instead of the σ-dependent one (no truncation).
+        backend: ``"auto"``, ``"reference"``, ``"separable"`` or ``"cpu"``.
+
+    Returns:
+        ``[B, C_out, Ho, Wo]`` with ``Ho = (H + 2 pH - K) // sH + 1``.
+
+    Example:
+        >>> x = torch.randn(2, 3, 16, 16)
+        >>> alpha = torch.randn(6, 3, 8) * 0.1
+        >>> srf_conv2d(x, torch.zeros(1), alpha).shape
+        torch.Size([2, 8, 16, 16])
+    """
+    spec = _validate(input, scale, alpha, order, truncate, stride, padding, groups, bias, kernel_size)
+    name = resolve_backend(backend, input)
+    if name == "reference":
+        return srf_conv2d_reference(
+            input, scale, alpha, order, truncate, spec.stride, spec.padding, groups, bias, kernel_size
+        )
+    dtype = torch.promote_types(input.dtype, alpha.dtype)
+    input, alpha = input.to(dtype), alpha.to(dtype)
+    taps = srf_taps(scale.to(dtype), order, spec.radius, truncate if kernel_size is None else None)
+    if spec.sharing != "layer":
+        taps = taps.reshape(alpha.shape[2], -1, *taps.shape[-2:])
+        out = dense_srf_conv2d(input, taps, alpha, order, spec.stride, spec.padding, groups)
+    else:
+        taps = taps.reshape(taps.shape[-2:])
+        run = ops.srf_conv2d if name == "cpu" else separable_srf_conv2d
+        out = run(input, taps, alpha, order, spec.stride, spec.padding, groups)
+    if bias is not None:
+        out = out + bias.to(out.dtype).reshape(1, -1, 1, 1)
+    return out

@@ -1,0 +1,1 @@
+class SRFConv2d: pass

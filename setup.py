@@ -1,0 +1,24 @@
+"""dcn_fast installs as pure Python: the C++ CPU kernel (csrc/) is compiled on
+first use by torch.utils.cpp_extension against the torch that is installed,
+so there is no build step, no build isolation trouble and no ABI mismatch."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+here = Path(__file__).parent
+
+setup(
+    name="dcn_fast",
+    version="0.1.0",
+    description="Fast structured-receptive-field (Gaussian N-jet) convolutions and Deep Continuous Networks",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["dcn_fast", "dcn_fast.csrc"],
+    # The C++ sources ship inside the package so an installed wheel can build them too.
+    package_dir={"dcn_fast.csrc": "csrc"},
+    package_data={"dcn_fast.csrc": ["*.cpp", "cpu/*.cpp"]},
+    install_requires=["torch>=2.6,<3", "ninja", "numpy"],
+    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
+)
