@@ -1,8 +1,8 @@
 """Separable-basis SRF convolution in plain PyTorch, with analytic gradients.
 
 ``y_o = Σ_i Σ_f α[f,i,o] (x_i ⋆ B_f)`` with ``B_(l,m) = b_l ⊗ b_m``: one 1-D
-pass along W with b_0..b_N, one pass along H per basis pair, then one GEMM
-(DESIGN.md §2). The backward recomputes the basis responses rather than saving
+pass along H with b_0..b_N, one pass along W per basis pair, then one GEMM
+(a 1x1 convolution) with α (DESIGN.md §2); each a single grouped convolution. The backward recomputes the basis responses rather than saving
 them: the op keeps only ``input``, ``taps`` (derived from σ, ``[N+1, K]``) and
 ``alpha``. This is the portable fallback of the compiled backends, and the
 ``dense`` helper here serves the scale layouts whose basis is not shared
@@ -27,36 +27,48 @@ def _pair_index(order: int, device: torch.device) -> tuple[torch.Tensor, torch.T
     return rows, cols
 
 
-def _passes(xp, taps, order, stride):
-    """Basis responses of the padded input.
+class _Weights:
+    """The three convolution weights of the separable algorithm, from taps and α.
 
-    Returns the W-pass outputs selected per basis function ``[B*C, F, Hp, Wo]``
-    and the responses ``[B*C, F, Ho, Wo]``.
+    All passes run along the last (contiguous) dimension, where grouped
+    convolutions are fastest: the H pass on the transposed padded input, then
+    the W pass on its transposed output, then a 1x1 convolution with α.
     """
-    batch, channels, hp, wp = xp.shape
-    order1, k = taps.shape
-    rows, cols = _pair_index(order, taps.device)
-    along_w = F.conv2d(xp.reshape(batch * channels, 1, hp, wp), taps.reshape(order1, 1, 1, k), stride=(1, stride[1]))
-    selected = along_w.index_select(1, cols)
-    responses = F.conv2d(selected, taps[rows].reshape(-1, 1, k, 1), stride=(stride[0], 1), groups=rows.numel())
-    return selected, responses
+
+    def __init__(self, taps, alpha, order, channels, groups):
+        order1, k = taps.shape
+        n_basis, c_in_g, c_out = alpha.shape
+        self.rows, self.cols = _pair_index(order, taps.device)
+        # H pass: every channel against b_0..b_N (output channel c*(N+1) + l).
+        self.along_h = taps.repeat(channels, 1).reshape(channels * order1, 1, 1, k)
+        # W pass: basis f = (l, m) takes H-pass output l and applies b_m
+        # (output channel c*F + f), a grouped conv over each channel's N+1 maps.
+        pick = taps.new_zeros(n_basis, order1, k)
+        pick[torch.arange(n_basis, device=taps.device), self.rows] = taps[self.cols]
+        self.along_w = pick.repeat(channels, 1, 1).reshape(channels * n_basis, order1, 1, k)
+        # Mixing: out[o] = Σ_(i,f) α[f, i, o] · responses[i*F + f].
+        self.mix = alpha.permute(2, 1, 0).reshape(c_out, c_in_g * n_basis, 1, 1)
+        self.channels, self.groups = channels, groups
+
+
+def _passes(x, weights, stride, padding):
+    """Padded-transposed input, H-pass output (transposed back) and responses [B, C*F, Ho, Wo]."""
+    ph, pw = padding
+    xp_t = F.pad(x, (pw, pw, ph, ph)).transpose(-1, -2).contiguous()
+    along_h = F.conv2d(xp_t, weights.along_h, stride=(1, stride[0]), groups=weights.channels)
+    along_h = along_h.transpose(-1, -2).contiguous()  # [B, C*(N+1), Ho, Wp]
+    responses = F.conv2d(along_h, weights.along_w, stride=(1, stride[1]), groups=weights.channels)
+    return xp_t, along_h, responses
 
 
 class _SeparableSRFConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, taps, alpha, order, stride, padding, groups):
-        ph, pw = padding
-        xp = F.pad(input, (pw, pw, ph, ph))
-        _, responses = _passes(xp, taps, order, stride)
-        batch, c_in = input.shape[:2]
-        n_basis, c_in_g, c_out = alpha.shape
-        ho, wo = responses.shape[-2:]
-        responses = responses.reshape(batch, groups, c_in_g, n_basis, ho * wo)
-        a = alpha.reshape(n_basis, c_in_g, groups, c_out // groups)
-        out = torch.einsum("bgifp,figo->bgop", responses, a)
+        weights = _Weights(taps, alpha, order, input.shape[1], groups)
+        _, _, responses = _passes(input, weights, stride, padding)
         ctx.save_for_backward(input, taps, alpha)
         ctx.geometry = (order, stride, padding, groups)
-        return out.reshape(batch, c_out, ho, wo)
+        return F.conv2d(responses, weights.mix, groups=groups)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -65,34 +77,36 @@ class _SeparableSRFConv2d(torch.autograd.Function):
         order, stride, (ph, pw), groups = ctx.geometry
         need_input, need_taps, need_alpha = ctx.needs_input_grad[:3]
         grad_input = grad_taps = grad_alpha = None
-
-        xp = F.pad(input, (pw, pw, ph, ph))
-        selected, responses = _passes(xp, taps, order, stride)
-        batch, c_in, hp, wp = xp.shape
-        n_basis, c_in_g, c_out = alpha.shape
-        order1, k = taps.shape
-        ho, wo = responses.shape[-2:]
-        gy = grad_out.reshape(batch, groups, c_out // groups, ho * wo)
-        a = alpha.reshape(n_basis, c_in_g, groups, c_out // groups)
+        channels = input.shape[1]
+        weights = _Weights(taps, alpha, order, channels, groups)
+        xp_t, along_h, responses = _passes(input, weights, stride, padding=(ph, pw))
 
         if need_alpha:
-            grad_alpha = torch.einsum(
-                "bgop,bgifp->figo", gy, responses.reshape(batch, groups, c_in_g, n_basis, ho * wo)
-            ).reshape(alpha.shape)
-        if need_input or need_taps:
-            rows, cols = _pair_index(order, taps.device)
-            grad_resp = torch.einsum("figo,bgop->bgifp", a, gy).reshape(batch * c_in, n_basis, ho, wo)
-            w_h = taps[rows].reshape(n_basis, 1, k, 1)
-            grad_selected = conv2d_input(selected.shape, w_h, grad_resp, stride=(stride[0], 1), groups=n_basis)
-            grad_along_w = grad_selected.new_zeros(batch * c_in, order1, hp, wo).index_add_(1, cols, grad_selected)
-            w_w = taps.reshape(order1, 1, 1, k)
-            if need_taps:
-                grad_h = conv2d_weight(selected, w_h.shape, grad_resp, stride=(stride[0], 1), groups=n_basis)
-                grad_w = conv2d_weight(xp.reshape(-1, 1, hp, wp), w_w.shape, grad_along_w, stride=(1, stride[1]))
-                grad_taps = grad_w.reshape(order1, k).index_add(0, rows, grad_h.reshape(n_basis, k))
-            if need_input:
-                grad_xp = conv2d_input((batch * c_in, 1, hp, wp), w_w, grad_along_w, stride=(1, stride[1]))
-                grad_input = grad_xp.reshape(batch, c_in, hp, wp)[:, :, ph : hp - ph, pw : wp - pw]
+            grad_mix = conv2d_weight(responses, weights.mix.shape, grad_out, groups=groups)
+            grad_alpha = grad_mix.reshape(alpha.shape[2], alpha.shape[1], alpha.shape[0]).permute(2, 1, 0)
+        if not (need_input or need_taps):
+            return grad_input, grad_taps, grad_alpha, None, None, None, None
+
+        grad_resp = conv2d_input(responses.shape, weights.mix, grad_out, groups=groups)
+        grad_along_h = conv2d_input(along_h.shape, weights.along_w, grad_resp, stride=(1, stride[1]), groups=channels)
+        grad_along_h_t = grad_along_h.transpose(-1, -2).contiguous()
+        if need_taps:
+            order1, k = taps.shape
+            grad_pick = conv2d_weight(
+                along_h, weights.along_w.shape, grad_resp, stride=(1, stride[1]), groups=channels
+            ).reshape(channels, -1, order1, k).sum(0)
+            grad_h = conv2d_weight(
+                xp_t, weights.along_h.shape, grad_along_h_t, stride=(1, stride[0]), groups=channels
+            ).reshape(channels, order1, k).sum(0)
+            n_basis = weights.rows.numel()
+            grad_w = grad_pick[torch.arange(n_basis, device=taps.device), weights.rows]
+            grad_taps = grad_h.index_add(0, weights.cols, grad_w)
+        if need_input:
+            grad_xp_t = conv2d_input(
+                xp_t.shape, weights.along_h, grad_along_h_t, stride=(1, stride[0]), groups=channels
+            )
+            wp, hp = xp_t.shape[-2:]
+            grad_input = grad_xp_t.transpose(-1, -2)[:, :, ph : hp - ph, pw : wp - pw].contiguous()
         return grad_input, grad_taps, grad_alpha, None, None, None, None
 
 

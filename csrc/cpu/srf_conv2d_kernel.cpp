@@ -86,55 +86,6 @@ Geometry make_geometry(const at::Tensor& input, const at::Tensor& taps, const at
   return g;
 }
 
-// Copies input row h (or zeros, outside the image) into a zero-padded buffer.
-template <typename scalar_t>
-bool load_row(const scalar_t* plane, const Geometry& g, int64_t h, scalar_t* row) {
-  if (h < 0 || h >= g.height) return false;
-  std::fill(row, row + g.pad_w, scalar_t(0));
-  std::copy(plane + h * g.width, plane + (h + 1) * g.width, row + g.pad_w);
-  std::fill(row + g.pad_w + g.width, row + g.padded_w, scalar_t(0));
-  return true;
-}
-
-// z[m][r][wo] = Σ_c taps[m][c] · x_padded[first_row + r][wo·sW + c], r < footprint.
-template <typename scalar_t>
-void pass_along_w(const scalar_t* plane, const scalar_t* taps, const Geometry& g, int64_t first_row,
-                  int64_t footprint, scalar_t* row, scalar_t* z) {
-  std::fill(z, z + g.order1 * footprint * g.out_w, scalar_t(0));
-  for (int64_t r = 0; r < footprint; ++r) {
-    if (!load_row(plane, g, first_row + r - g.pad_h, row)) continue;
-    for (int64_t m = 0; m < g.order1; ++m) {
-      scalar_t* dst = z + (m * footprint + r) * g.out_w;
-      for (int64_t c = 0; c < g.k; ++c) {
-        const scalar_t tap = taps[m * g.k + c];
-        const scalar_t* src = row + c;
-        for (int64_t wo = 0; wo < g.out_w; ++wo) dst[wo] += tap * src[wo * g.stride_w];
-      }
-    }
-  }
-}
-
-// Responses of basis f of one channel: resp[f][ho][wo] = Σ_a b_l[a] · z[m][ho·sH + a][wo];
-// row f of the tile's response matrix is f * C_in_g + channel.
-template <typename scalar_t>
-void pass_along_h(const scalar_t* z, const scalar_t* taps, const Geometry& g, int64_t rows, int64_t footprint,
-                  int64_t channel, scalar_t* responses) {
-  const int64_t pixels = rows * g.out_w;
-  for (int64_t f = 0; f < g.n_basis; ++f) {
-    const scalar_t* taps_l = taps + g.row_tap[f] * g.k;
-    const scalar_t* z_m = z + g.col_tap[f] * footprint * g.out_w;
-    scalar_t* dst = responses + (f * g.c_in_g + channel) * pixels;
-    std::fill(dst, dst + pixels, scalar_t(0));
-    for (int64_t ho = 0; ho < rows; ++ho)
-      for (int64_t a = 0; a < g.k; ++a) {
-        const scalar_t tap = taps_l[a];
-        const scalar_t* src = z_m + (ho * g.stride_h + a) * g.out_w;
-        scalar_t* out = dst + ho * g.out_w;
-        for (int64_t wo = 0; wo < g.out_w; ++wo) out[wo] += tap * src[wo];
-      }
-  }
-}
-
 // The per-tile work both directions share: where the tile is, and the
 // [C_out_g, pixels] window of an output-shaped tensor for image b, group grp.
 struct Tile {
@@ -159,6 +110,60 @@ at::Tensor output_window(const at::Tensor& out, const Geometry& g, const Tile& t
       .view({g.c_out_g, tile.pixels});
 }
 
+// Tile buffers keep the group's channels innermost ([..][C_in_g]), so every
+// inner loop below runs over contiguous channels whatever the stride, and the
+// responses come out as the [pixels, F*C_in_g] operand of the GEMM with α.
+
+// xt[r][w][i] = zero-padded input of channel i at padded row first_padded_row + r.
+template <typename scalar_t>
+void load_tile(const scalar_t* planes, const Geometry& g, const Tile& tile, scalar_t* xt) {
+  const int64_t cig = g.c_in_g;
+  std::fill(xt, xt + tile.footprint * g.padded_w * cig, scalar_t(0));
+  for (int64_t r = 0; r < tile.footprint; ++r) {
+    const int64_t h = tile.first_padded_row + r - g.pad_h;
+    if (h < 0 || h >= g.height) continue;
+    for (int64_t i = 0; i < cig; ++i) {
+      const scalar_t* src = planes + (i * g.height + h) * g.width;
+      scalar_t* dst = xt + (r * g.padded_w + g.pad_w) * cig + i;
+      for (int64_t w = 0; w < g.width; ++w) dst[w * cig] = src[w];
+    }
+  }
+}
+
+// z[m][r][wo][i] = Σ_c taps[m][c] · xt[r][wo·sW + c][i]
+template <typename scalar_t>
+void pass_along_w(const scalar_t* xt, const scalar_t* taps, const Geometry& g, const Tile& tile, scalar_t* z) {
+  const int64_t cig = g.c_in_g, plane = tile.footprint * g.out_w * cig;
+  std::fill(z, z + g.order1 * plane, scalar_t(0));
+  for (int64_t r = 0; r < tile.footprint; ++r)
+    for (int64_t wo = 0; wo < g.out_w; ++wo)
+      for (int64_t c = 0; c < g.k; ++c) {
+        const scalar_t* src = xt + (r * g.padded_w + wo * g.stride_w + c) * cig;
+        for (int64_t m = 0; m < g.order1; ++m) {
+          const scalar_t tap = taps[m * g.k + c];
+          scalar_t* dst = z + m * plane + (r * g.out_w + wo) * cig;
+          for (int64_t i = 0; i < cig; ++i) dst[i] += tap * src[i];
+        }
+      }
+}
+
+// resp[ho·Wo + wo][f][i] = Σ_a b_l[a] · z[m][ho·sH + a][wo][i], (l, m) = pair f.
+template <typename scalar_t>
+void pass_along_h(const scalar_t* z, const scalar_t* taps, const Geometry& g, const Tile& tile, scalar_t* resp) {
+  const int64_t cig = g.c_in_g, plane = tile.footprint * g.out_w * cig;
+  std::fill(resp, resp + tile.pixels * g.n_basis * cig, scalar_t(0));
+  for (int64_t ho = 0; ho < tile.rows; ++ho)
+    for (int64_t wo = 0; wo < g.out_w; ++wo)
+      for (int64_t f = 0; f < g.n_basis; ++f) {
+        scalar_t* dst = resp + ((ho * g.out_w + wo) * g.n_basis + f) * cig;
+        for (int64_t a = 0; a < g.k; ++a) {
+          const scalar_t tap = taps[g.row_tap[f] * g.k + a];
+          const scalar_t* src = z + g.col_tap[f] * plane + ((ho * g.stride_h + a) * g.out_w + wo) * cig;
+          for (int64_t i = 0; i < cig; ++i) dst[i] += tap * src[i];
+        }
+      }
+}
+
 at::Tensor srf_conv2d_cpu(const at::Tensor& input_, const at::Tensor& taps_, const at::Tensor& alpha_,
                           at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups) {
   const Geometry g = make_geometry(input_, taps_, alpha_, stride, padding, groups);
@@ -172,20 +177,19 @@ at::Tensor srf_conv2d_cpu(const at::Tensor& input_, const at::Tensor& taps_, con
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* tp = taps.const_data_ptr<scalar_t>();
     at::parallel_for(0, g.batch * g.n_tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> row(g.padded_w), z(g.order1 * g.max_footprint * g.out_w);
-      std::vector<scalar_t> resp(g.n_basis * g.c_in_g * g.tile_rows * g.out_w);
+      std::vector<scalar_t> xt(g.max_footprint * g.padded_w * g.c_in_g);
+      std::vector<scalar_t> z(g.order1 * g.max_footprint * g.out_w * g.c_in_g);
+      std::vector<scalar_t> resp(g.tile_rows * g.out_w * g.n_basis * g.c_in_g);
       for (int64_t item = begin; item < end; ++item) {
         const Tile tile = make_tile(g, item / g.n_tiles, item % g.n_tiles);
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          for (int64_t i = 0; i < g.c_in_g; ++i) {
-            const scalar_t* plane = x + (tile.b * g.c_in + grp * g.c_in_g + i) * g.height * g.width;
-            pass_along_w(plane, tp, g, tile.first_padded_row, tile.footprint, row.data(), z.data());
-            pass_along_h(z.data(), tp, g, tile.rows, tile.footprint, i, resp.data());
-          }
-          const at::Tensor responses = at::from_blob(resp.data(), {g.n_basis * g.c_in_g, tile.pixels}, input.options());
+          load_tile(x + (tile.b * g.c_in + grp * g.c_in_g) * g.height * g.width, g, tile, xt.data());
+          pass_along_w(xt.data(), tp, g, tile, z.data());
+          pass_along_h(z.data(), tp, g, tile, resp.data());
+          const at::Tensor responses = at::from_blob(resp.data(), {tile.pixels, g.n_basis * g.c_in_g}, input.options());
           const at::Tensor a = alpha2d.narrow(1, grp * g.c_out_g, g.c_out_g);
           at::Tensor y = output_window(out, g, tile, grp);
-          at::mm_out(y, a.t(), responses);
+          at::mm_out(y, a.t(), responses.t());
         }
       }
     });
@@ -222,95 +226,89 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> srf_conv2d_backward_cpu(
     const scalar_t* x = read_input ? input.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* tp = taps.const_data_ptr<scalar_t>();
     scalar_t* gx = need_input ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
-    const int64_t plane_size = g.height * g.width;
-    const int64_t z_size = g.order1 * g.max_footprint * g.out_w;
-    const int64_t resp_size = g.n_basis * g.c_in_g * g.tile_rows * g.out_w;
+    const int64_t cig = g.c_in_g;
+    const int64_t xt_size = g.max_footprint * g.padded_w * cig;
+    const int64_t z_size = g.order1 * g.max_footprint * g.out_w * cig;
+    const int64_t resp_size = g.tile_rows * g.out_w * g.n_basis * cig;
 
     for (int64_t parity = 0; parity < 2; ++parity) {
       const int64_t per_image = (g.n_tiles - parity + 1) / 2;
       at::parallel_for(0, g.batch * per_image, 1, [&](int64_t begin, int64_t end) {
         const int64_t tid = at::get_thread_num();
         TORCH_CHECK(tid < n_threads, "srf_conv2d_backward: thread id ", tid, " >= ", n_threads);
-        std::vector<scalar_t> row(g.padded_w), grad_row(g.padded_w);
-        std::vector<scalar_t> z(read_input ? g.c_in_g * z_size : 0), grad_z(z_size);
-        std::vector<scalar_t> resp(need_alpha ? resp_size : 0), grad_resp(resp_size);
-        std::vector<scalar_t> grad_taps(g.order1 * g.k, scalar_t(0));
+        std::vector<scalar_t> xt(read_input ? xt_size : 0), z(read_input ? z_size : 0);
+        std::vector<scalar_t> resp(need_alpha ? resp_size : 0), grad_resp(resp_size), grad_z(z_size);
+        std::vector<scalar_t> grad_xt(need_input ? xt_size : 0);
+        // Per-channel partial sums of the tap gradient, reduced over channels at the end.
+        std::vector<scalar_t> tap_acc(need_taps ? g.order1 * g.k * cig : 0, scalar_t(0));
         for (int64_t item = begin; item < end; ++item) {
           const Tile tile = make_tile(g, item / per_image, parity + 2 * (item % per_image));
+          const int64_t plane = tile.footprint * g.out_w * cig;
           for (int64_t grp = 0; grp < g.groups; ++grp) {
             const at::Tensor gy_tile = output_window(gy, g, tile, grp);
             const at::Tensor a = alpha2d.narrow(1, grp * g.c_out_g, g.c_out_g);
-            const int64_t first_channel = tile.b * g.c_in + grp * g.c_in_g;
+            const int64_t first_plane = (tile.b * g.c_in + grp * cig) * g.height * g.width;
             if (read_input) {
-              for (int64_t i = 0; i < g.c_in_g; ++i) {
-                scalar_t* z_i = z.data() + i * z_size;
-                pass_along_w(x + (first_channel + i) * plane_size, tp, g, tile.first_padded_row, tile.footprint,
-                             row.data(), z_i);
-                if (need_alpha) pass_along_h(z_i, tp, g, tile.rows, tile.footprint, i, resp.data());
-              }
+              load_tile(x + first_plane, g, tile, xt.data());
+              pass_along_w(xt.data(), tp, g, tile, z.data());
             }
             if (need_alpha) {
-              const at::Tensor responses =
-                  at::from_blob(resp.data(), {g.n_basis * g.c_in_g, tile.pixels}, options);
-              alpha_parts.select(0, tid).narrow(1, grp * g.c_out_g, g.c_out_g).addmm_(responses, gy_tile.t());
+              pass_along_h(z.data(), tp, g, tile, resp.data());
+              const at::Tensor responses = at::from_blob(resp.data(), {tile.pixels, g.n_basis * cig}, options);
+              alpha_parts.select(0, tid).narrow(1, grp * g.c_out_g, g.c_out_g).addmm_(responses.t(), gy_tile.t());
             }
             if (!(need_input || need_taps)) continue;
-            at::Tensor grad_responses =
-                at::from_blob(grad_resp.data(), {g.n_basis * g.c_in_g, tile.pixels}, options);
-            at::mm_out(grad_responses, a, gy_tile);
+            at::Tensor grad_responses = at::from_blob(grad_resp.data(), {tile.pixels, g.n_basis * cig}, options);
+            at::mm_out(grad_responses, gy_tile.t(), a.t());
 
-            for (int64_t i = 0; i < g.c_in_g; ++i) {
-              // Transposed H pass: grad_z[m][ho·sH + a][wo] += b_l[a] · grad_resp[f][ho][wo];
-              // its product with z gives the row taps' gradient.
-              std::fill(grad_z.begin(), grad_z.begin() + g.order1 * tile.footprint * g.out_w, scalar_t(0));
-              const scalar_t* z_i = read_input ? z.data() + i * z_size : nullptr;
-              for (int64_t f = 0; f < g.n_basis; ++f) {
-                const int64_t l = g.row_tap[f], m = g.col_tap[f];
-                const scalar_t* src_f = grad_resp.data() + (f * g.c_in_g + i) * tile.pixels;
-                for (int64_t ho = 0; ho < tile.rows; ++ho) {
-                  const scalar_t* src = src_f + ho * g.out_w;
+            // Transposed H pass: grad_z[m][ho·sH + a][wo] += b_l[a] · grad_resp[ho·Wo + wo][f];
+            // grad_resp times z is the gradient of b_l in its row role.
+            std::fill(grad_z.begin(), grad_z.begin() + g.order1 * plane, scalar_t(0));
+            for (int64_t ho = 0; ho < tile.rows; ++ho)
+              for (int64_t wo = 0; wo < g.out_w; ++wo)
+                for (int64_t f = 0; f < g.n_basis; ++f) {
+                  const int64_t l = g.row_tap[f], m = g.col_tap[f];
+                  const scalar_t* src = grad_resp.data() + ((ho * g.out_w + wo) * g.n_basis + f) * cig;
                   for (int64_t a_ = 0; a_ < g.k; ++a_) {
-                    const int64_t r = ho * g.stride_h + a_;
-                    scalar_t* dst = grad_z.data() + (m * tile.footprint + r) * g.out_w;
+                    const int64_t offset = m * plane + ((ho * g.stride_h + a_) * g.out_w + wo) * cig;
                     const scalar_t tap = tp[l * g.k + a_];
-                    for (int64_t wo = 0; wo < g.out_w; ++wo) dst[wo] += tap * src[wo];
+                    scalar_t* dst = grad_z.data() + offset;
+                    for (int64_t i = 0; i < cig; ++i) dst[i] += tap * src[i];
                     if (need_taps) {
-                      const scalar_t* zr = z_i + (m * tile.footprint + r) * g.out_w;
-                      scalar_t acc = 0;
-                      for (int64_t wo = 0; wo < g.out_w; ++wo) acc += src[wo] * zr[wo];
-                      grad_taps[l * g.k + a_] += acc;
+                      const scalar_t* zr = z.data() + offset;
+                      scalar_t* acc = tap_acc.data() + (l * g.k + a_) * cig;
+                      for (int64_t i = 0; i < cig; ++i) acc[i] += src[i] * zr[i];
                     }
                   }
                 }
-              }
-              // Transposed W pass, row by row of the footprint.
-              const scalar_t* plane = read_input ? x + (first_channel + i) * plane_size : nullptr;
-              scalar_t* grad_plane = need_input ? gx + (first_channel + i) * plane_size : nullptr;
+            // Transposed W pass; grad_z times the input is the gradient of b_m in its column role.
+            if (need_input) std::fill(grad_xt.begin(), grad_xt.begin() + tile.footprint * g.padded_w * cig, scalar_t(0));
+            for (int64_t r = 0; r < tile.footprint; ++r)
+              for (int64_t wo = 0; wo < g.out_w; ++wo)
+                for (int64_t c = 0; c < g.k; ++c) {
+                  const int64_t offset = (r * g.padded_w + wo * g.stride_w + c) * cig;
+                  for (int64_t m = 0; m < g.order1; ++m) {
+                    const scalar_t* gz = grad_z.data() + m * plane + (r * g.out_w + wo) * cig;
+                    if (need_input) {
+                      const scalar_t tap = tp[m * g.k + c];
+                      scalar_t* dst = grad_xt.data() + offset;
+                      for (int64_t i = 0; i < cig; ++i) dst[i] += tap * gz[i];
+                    }
+                    if (need_taps) {
+                      const scalar_t* src = xt.data() + offset;
+                      scalar_t* acc = tap_acc.data() + (m * g.k + c) * cig;
+                      for (int64_t i = 0; i < cig; ++i) acc[i] += gz[i] * src[i];
+                    }
+                  }
+                }
+            if (need_input) {
               for (int64_t r = 0; r < tile.footprint; ++r) {
                 const int64_t h = tile.first_padded_row + r - g.pad_h;
                 if (h < 0 || h >= g.height) continue;
-                if (need_taps) load_row(plane, g, h, row.data());
-                if (need_input) std::fill(grad_row.begin(), grad_row.end(), scalar_t(0));
-                for (int64_t m = 0; m < g.order1; ++m) {
-                  const scalar_t* gz = grad_z.data() + (m * tile.footprint + r) * g.out_w;
-                  for (int64_t c = 0; c < g.k; ++c) {
-                    if (need_input) {
-                      const scalar_t tap = tp[m * g.k + c];
-                      scalar_t* dst = grad_row.data() + c;
-                      for (int64_t wo = 0; wo < g.out_w; ++wo) dst[wo * g.stride_w] += tap * gz[wo];
-                    }
-                    if (need_taps) {
-                      const scalar_t* src = row.data() + c;
-                      scalar_t acc = 0;
-                      for (int64_t wo = 0; wo < g.out_w; ++wo) acc += gz[wo] * src[wo * g.stride_w];
-                      grad_taps[m * g.k + c] += acc;
-                    }
-                  }
-                }
-                if (need_input) {
-                  scalar_t* dst = grad_plane + h * g.width;
-                  const scalar_t* src = grad_row.data() + g.pad_w;
-                  for (int64_t w = 0; w < g.width; ++w) dst[w] += src[w];
+                for (int64_t i = 0; i < cig; ++i) {
+                  scalar_t* dst = gx + first_plane + (i * g.height + h) * g.width;
+                  const scalar_t* src = grad_xt.data() + (r * g.padded_w + g.pad_w) * cig + i;
+                  for (int64_t w = 0; w < g.width; ++w) dst[w] += src[w * cig];
                 }
               }
             }
@@ -318,7 +316,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> srf_conv2d_backward_cpu(
         }
         if (need_taps) {
           scalar_t* part = taps_parts.select(0, tid).mutable_data_ptr<scalar_t>();
-          for (int64_t j = 0; j < g.order1 * g.k; ++j) part[j] += grad_taps[j];
+          for (int64_t j = 0; j < g.order1 * g.k; ++j)
+            for (int64_t i = 0; i < cig; ++i) part[j] += tap_acc[j * cig + i];
         }
       });
     }
