@@ -11,7 +11,9 @@ no compiler is available the op is absent and callers fall back to the
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import threading
 import warnings
 from pathlib import Path
@@ -33,14 +35,29 @@ def source_dir() -> Path:
     raise FileNotFoundError(f"dcn_fast C++ sources not found next to {here}")
 
 
+def _cpu_tag() -> str:
+    """Short hash of this CPU's instruction-set flags.
+
+    The kernel is compiled with ``-march=native``; naming the build after the
+    CPU keeps a shared cache from handing one machine's binary to another.
+    """
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            flags += next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
 def _build() -> None:
     from torch.utils.cpp_extension import load
 
     src = source_dir()
     load(
-        name="dcn_fast_cpu",
+        name=f"dcn_fast_cpu_{_cpu_tag()}",
         sources=[str(src / "srf_conv2d.cpp"), str(src / "cpu" / "srf_conv2d_kernel.cpp")],
-        extra_cflags=["-O3", "-fopenmp"],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=os.environ.get("DCN_FAST_VERBOSE_BUILD") == "1",

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <array>
 #include <tuple>
 #include <vector>
@@ -110,58 +111,134 @@ at::Tensor output_window(const at::Tensor& out, const Geometry& g, const Tile& t
       .view({g.c_out_g, tile.pixels});
 }
 
-// Tile buffers keep the group's channels innermost ([..][C_in_g]), so every
-// inner loop below runs over contiguous channels whatever the stride, and the
-// responses come out as the [pixels, F*C_in_g] operand of the GEMM with α.
+// Tile buffers keep the group's channels innermost, padded to whole lanes of
+// kLane values ([..][C_in_g padded]); the 1-D passes are then sums of a few
+// lane-wide rows, accumulated in registers, whatever the stride. The basis
+// responses are written compactly as the [pixels, F*C_in_g] operand of the
+// GEMM with α. Lanes past C_in_g hold zeros (input) or finite leftovers read
+// from neighbouring compact rows; they are never stored into a result.
+template <typename scalar_t>
+constexpr int64_t kLane = 32 / sizeof(scalar_t);
+
+// One lane as a GCC/Clang vector: explicit SIMD, independent of what the
+// auto-vectoriser makes of the loops (it tends to gather across rows instead).
+template <typename scalar_t>
+struct LaneOf {
+  typedef scalar_t type __attribute__((vector_size(32)));
+};
+template <typename scalar_t>
+using Lane = typename LaneOf<scalar_t>::type;
+
+template <typename scalar_t>
+inline Lane<scalar_t> load_lane(const scalar_t* p) {
+  Lane<scalar_t> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// For R outputs at once (independent accumulator chains, held in registers):
+// dst[q·dst_row + v] (+)= Σ_j coef[j·coef_step] · src[q·src_row + j·src_step + v],
+// q < R, v < store ≤ kLane.
+template <int64_t R, typename scalar_t>
+inline void lane_sum(scalar_t* __restrict__ dst, int64_t dst_row, bool accumulate, int64_t store,
+                     const scalar_t* __restrict__ src, int64_t src_row, int64_t src_step,
+                     const scalar_t* __restrict__ coef, int64_t coef_step, int64_t terms) {
+  Lane<scalar_t> acc[R] = {};
+  for (int64_t j = 0; j < terms; ++j) {
+    const scalar_t w = coef[j * coef_step];
+    for (int64_t q = 0; q < R; ++q) acc[q] += w * load_lane(src + q * src_row + j * src_step);
+  }
+  for (int64_t q = 0; q < R; ++q) {
+    scalar_t* out = dst + q * dst_row;
+    if (accumulate) {
+      scalar_t old[kLane<scalar_t>] = {};
+      std::copy(out, out + store, old);
+      acc[q] += load_lane(old);
+    }
+    std::memcpy(out, &acc[q], store * sizeof(scalar_t));
+  }
+}
+
+// lane_sum over n outputs: blocks of 4, then single ones.
+template <typename scalar_t>
+inline void lane_sums(int64_t n, scalar_t* dst, int64_t dst_row, bool accumulate, int64_t store, const scalar_t* src,
+                      int64_t src_row, int64_t src_step, const scalar_t* coef, int64_t coef_step, int64_t terms) {
+  int64_t q = 0;
+  for (; q + 4 <= n; q += 4)
+    lane_sum<4>(dst + q * dst_row, dst_row, accumulate, store, src + q * src_row, src_row, src_step, coef, coef_step,
+                terms);
+  for (; q < n; ++q)
+    lane_sum<1>(dst + q * dst_row, dst_row, accumulate, store, src + q * src_row, src_row, src_step, coef, coef_step,
+                terms);
+}
+
+// dst[v] += Σ_j a[j·a_step + v] · b[j·b_step + v], over four interleaved chains.
+template <typename scalar_t>
+inline void lane_dot(scalar_t* __restrict__ dst, const scalar_t* __restrict__ a, int64_t a_step,
+                     const scalar_t* __restrict__ b, int64_t b_step, int64_t terms) {
+  Lane<scalar_t> acc[4] = {};
+  int64_t j = 0;
+  for (; j + 4 <= terms; j += 4)
+    for (int64_t q = 0; q < 4; ++q) acc[q] += load_lane(a + (j + q) * a_step) * load_lane(b + (j + q) * b_step);
+  for (; j < terms; ++j) acc[0] += load_lane(a + j * a_step) * load_lane(b + j * b_step);
+  const Lane<scalar_t> sum = (acc[0] + acc[1]) + (acc[2] + acc[3]) + load_lane(dst);
+  std::memcpy(dst, &sum, sizeof sum);
+}
+
+// Sizes of one thread's tile buffers.
+template <typename scalar_t>
+struct Buffers {
+  int64_t lanes;     // C_in_g rounded up to whole lanes
+  int64_t xt, z, resp, grad_xt;
+  explicit Buffers(const Geometry& g) {
+    lanes = ceil_div(g.c_in_g, kLane<scalar_t>) * kLane<scalar_t>;
+    xt = g.max_footprint * g.padded_w * lanes;
+    z = g.order1 * g.max_footprint * g.out_w * lanes;
+    // + one lane: a lane-wide read of the last compact row stays in bounds.
+    resp = g.tile_rows * g.out_w * g.n_basis * g.c_in_g + kLane<scalar_t>;
+    grad_xt = xt;
+  }
+};
 
 // xt[r][w][i] = zero-padded input of channel i at padded row first_padded_row + r.
 template <typename scalar_t>
-void load_tile(const scalar_t* planes, const Geometry& g, const Tile& tile, scalar_t* xt) {
-  const int64_t cig = g.c_in_g;
-  std::fill(xt, xt + tile.footprint * g.padded_w * cig, scalar_t(0));
+void load_tile(const scalar_t* planes, const Geometry& g, const Tile& tile, int64_t lanes, scalar_t* xt) {
+  std::fill(xt, xt + tile.footprint * g.padded_w * lanes, scalar_t(0));
   for (int64_t r = 0; r < tile.footprint; ++r) {
     const int64_t h = tile.first_padded_row + r - g.pad_h;
     if (h < 0 || h >= g.height) continue;
-    for (int64_t i = 0; i < cig; ++i) {
+    for (int64_t i = 0; i < g.c_in_g; ++i) {
       const scalar_t* src = planes + (i * g.height + h) * g.width;
-      scalar_t* dst = xt + (r * g.padded_w + g.pad_w) * cig + i;
-      for (int64_t w = 0; w < g.width; ++w) dst[w * cig] = src[w];
+      scalar_t* dst = xt + (r * g.padded_w + g.pad_w) * lanes + i;
+      for (int64_t w = 0; w < g.width; ++w) dst[w * lanes] = src[w];
     }
   }
 }
 
-// z[m][r][wo][i] = Σ_c taps[m][c] · xt[r][wo·sW + c][i]
+// z[m][r][wo][:] = Σ_c b_m[c] · xt[r][wo·sW + c][:]
 template <typename scalar_t>
-void pass_along_w(const scalar_t* xt, const scalar_t* taps, const Geometry& g, const Tile& tile, scalar_t* z) {
-  const int64_t cig = g.c_in_g, plane = tile.footprint * g.out_w * cig;
-  std::fill(z, z + g.order1 * plane, scalar_t(0));
-  for (int64_t r = 0; r < tile.footprint; ++r)
-    for (int64_t wo = 0; wo < g.out_w; ++wo)
-      for (int64_t c = 0; c < g.k; ++c) {
-        const scalar_t* src = xt + (r * g.padded_w + wo * g.stride_w + c) * cig;
-        for (int64_t m = 0; m < g.order1; ++m) {
-          const scalar_t tap = taps[m * g.k + c];
-          scalar_t* dst = z + m * plane + (r * g.out_w + wo) * cig;
-          for (int64_t i = 0; i < cig; ++i) dst[i] += tap * src[i];
-        }
-      }
+void pass_along_w(const scalar_t* xt, const scalar_t* taps, const Geometry& g, const Tile& tile, int64_t lanes,
+                  scalar_t* z) {
+  constexpr int64_t V = kLane<scalar_t>;
+  for (int64_t m = 0; m < g.order1; ++m)
+    for (int64_t r = 0; r < tile.footprint; ++r)
+      for (int64_t i0 = 0; i0 < lanes; i0 += V)
+        lane_sums(g.out_w, z + (m * tile.footprint + r) * g.out_w * lanes + i0, lanes, false, V,
+                  xt + r * g.padded_w * lanes + i0, g.stride_w * lanes, lanes, taps + m * g.k, 1, g.k);
 }
 
-// resp[ho·Wo + wo][f][i] = Σ_a b_l[a] · z[m][ho·sH + a][wo][i], (l, m) = pair f.
+// resp[ho·Wo + wo][f][:] = Σ_a b_l[a] · z[m][ho·sH + a][wo][:], (l, m) = pair f.
 template <typename scalar_t>
-void pass_along_h(const scalar_t* z, const scalar_t* taps, const Geometry& g, const Tile& tile, scalar_t* resp) {
-  const int64_t cig = g.c_in_g, plane = tile.footprint * g.out_w * cig;
-  std::fill(resp, resp + tile.pixels * g.n_basis * cig, scalar_t(0));
+void pass_along_h(const scalar_t* z, const scalar_t* taps, const Geometry& g, const Tile& tile, int64_t lanes,
+                  scalar_t* resp) {
+  constexpr int64_t V = kLane<scalar_t>;
   for (int64_t ho = 0; ho < tile.rows; ++ho)
-    for (int64_t wo = 0; wo < g.out_w; ++wo)
-      for (int64_t f = 0; f < g.n_basis; ++f) {
-        scalar_t* dst = resp + ((ho * g.out_w + wo) * g.n_basis + f) * cig;
-        for (int64_t a = 0; a < g.k; ++a) {
-          const scalar_t tap = taps[g.row_tap[f] * g.k + a];
-          const scalar_t* src = z + g.col_tap[f] * plane + ((ho * g.stride_h + a) * g.out_w + wo) * cig;
-          for (int64_t i = 0; i < cig; ++i) dst[i] += tap * src[i];
-        }
-      }
+    for (int64_t f = 0; f < g.n_basis; ++f)
+      for (int64_t i0 = 0; i0 < g.c_in_g; i0 += V)
+        lane_sums(g.out_w, resp + (ho * g.out_w * g.n_basis + f) * g.c_in_g + i0, g.n_basis * g.c_in_g, false,
+                  std::min(V, g.c_in_g - i0),
+                  z + (g.col_tap[f] * tile.footprint + ho * g.stride_h) * g.out_w * lanes + i0, lanes,
+                  g.out_w * lanes, taps + g.row_tap[f] * g.k, 1, g.k);
 }
 
 at::Tensor srf_conv2d_cpu(const at::Tensor& input_, const at::Tensor& taps_, const at::Tensor& alpha_,
@@ -176,16 +253,15 @@ at::Tensor srf_conv2d_cpu(const at::Tensor& input_, const at::Tensor& taps_, con
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "srf_conv2d_cpu", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* tp = taps.const_data_ptr<scalar_t>();
+    const Buffers<scalar_t> size(g);
     at::parallel_for(0, g.batch * g.n_tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> xt(g.max_footprint * g.padded_w * g.c_in_g);
-      std::vector<scalar_t> z(g.order1 * g.max_footprint * g.out_w * g.c_in_g);
-      std::vector<scalar_t> resp(g.tile_rows * g.out_w * g.n_basis * g.c_in_g);
+      std::vector<scalar_t> xt(size.xt), z(size.z), resp(size.resp, scalar_t(0));
       for (int64_t item = begin; item < end; ++item) {
         const Tile tile = make_tile(g, item / g.n_tiles, item % g.n_tiles);
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          load_tile(x + (tile.b * g.c_in + grp * g.c_in_g) * g.height * g.width, g, tile, xt.data());
-          pass_along_w(xt.data(), tp, g, tile, z.data());
-          pass_along_h(z.data(), tp, g, tile, resp.data());
+          load_tile(x + (tile.b * g.c_in + grp * g.c_in_g) * g.height * g.width, g, tile, size.lanes, xt.data());
+          pass_along_w(xt.data(), tp, g, tile, size.lanes, z.data());
+          pass_along_h(z.data(), tp, g, tile, size.lanes, resp.data());
           const at::Tensor responses = at::from_blob(resp.data(), {tile.pixels, g.n_basis * g.c_in_g}, input.options());
           const at::Tensor a = alpha2d.narrow(1, grp * g.c_out_g, g.c_out_g);
           at::Tensor y = output_window(out, g, tile, grp);
@@ -223,92 +299,100 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> srf_conv2d_backward_cpu(
   if (need_taps) taps_parts = at::zeros({n_threads, g.order1, g.k}, options);
 
   AT_DISPATCH_FLOATING_TYPES(taps.scalar_type(), "srf_conv2d_backward_cpu", [&] {
+    constexpr int64_t V = kLane<scalar_t>;
     const scalar_t* x = read_input ? input.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* tp = taps.const_data_ptr<scalar_t>();
     scalar_t* gx = need_input ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
-    const int64_t cig = g.c_in_g;
-    const int64_t xt_size = g.max_footprint * g.padded_w * cig;
-    const int64_t z_size = g.order1 * g.max_footprint * g.out_w * cig;
-    const int64_t resp_size = g.tile_rows * g.out_w * g.n_basis * cig;
+    const Buffers<scalar_t> size(g);
+    const int64_t lanes = size.lanes, cig = g.c_in_g, nb = g.n_basis;
 
     for (int64_t parity = 0; parity < 2; ++parity) {
       const int64_t per_image = (g.n_tiles - parity + 1) / 2;
       at::parallel_for(0, g.batch * per_image, 1, [&](int64_t begin, int64_t end) {
         const int64_t tid = at::get_thread_num();
         TORCH_CHECK(tid < n_threads, "srf_conv2d_backward: thread id ", tid, " >= ", n_threads);
-        std::vector<scalar_t> xt(read_input ? xt_size : 0), z(read_input ? z_size : 0);
-        std::vector<scalar_t> resp(need_alpha ? resp_size : 0), grad_resp(resp_size), grad_z(z_size);
-        std::vector<scalar_t> grad_xt(need_input ? xt_size : 0);
-        // Per-channel partial sums of the tap gradient, reduced over channels at the end.
-        std::vector<scalar_t> tap_acc(need_taps ? g.order1 * g.k * cig : 0, scalar_t(0));
+        std::vector<scalar_t> xt(read_input ? size.xt : 0), z(read_input ? size.z : 0);
+        std::vector<scalar_t> resp(need_alpha ? size.resp : 0, scalar_t(0)), grad_resp(size.resp, scalar_t(0));
+        std::vector<scalar_t> grad_z(size.z), grad_xt(need_input ? size.grad_xt : 0);
+        // Lane-wise partial sums of the tap gradient, reduced over channels at the end.
+        std::vector<scalar_t> tap_acc(need_taps ? g.order1 * g.k * lanes : 0, scalar_t(0));
         for (int64_t item = begin; item < end; ++item) {
           const Tile tile = make_tile(g, item / per_image, parity + 2 * (item % per_image));
-          const int64_t plane = tile.footprint * g.out_w * cig;
           for (int64_t grp = 0; grp < g.groups; ++grp) {
             const at::Tensor gy_tile = output_window(gy, g, tile, grp);
             const at::Tensor a = alpha2d.narrow(1, grp * g.c_out_g, g.c_out_g);
             const int64_t first_plane = (tile.b * g.c_in + grp * cig) * g.height * g.width;
             if (read_input) {
-              load_tile(x + first_plane, g, tile, xt.data());
-              pass_along_w(xt.data(), tp, g, tile, z.data());
+              load_tile(x + first_plane, g, tile, lanes, xt.data());
+              pass_along_w(xt.data(), tp, g, tile, lanes, z.data());
             }
             if (need_alpha) {
-              pass_along_h(z.data(), tp, g, tile, resp.data());
-              const at::Tensor responses = at::from_blob(resp.data(), {tile.pixels, g.n_basis * cig}, options);
+              pass_along_h(z.data(), tp, g, tile, lanes, resp.data());
+              const at::Tensor responses = at::from_blob(resp.data(), {tile.pixels, nb * cig}, options);
               alpha_parts.select(0, tid).narrow(1, grp * g.c_out_g, g.c_out_g).addmm_(responses.t(), gy_tile.t());
             }
             if (!(need_input || need_taps)) continue;
-            at::Tensor grad_responses = at::from_blob(grad_resp.data(), {tile.pixels, g.n_basis * cig}, options);
+            at::Tensor grad_responses = at::from_blob(grad_resp.data(), {tile.pixels, nb * cig}, options);
             at::mm_out(grad_responses, gy_tile.t(), a.t());
 
-            // Transposed H pass: grad_z[m][ho·sH + a][wo] += b_l[a] · grad_resp[ho·Wo + wo][f];
-            // grad_resp times z is the gradient of b_l in its row role.
-            std::fill(grad_z.begin(), grad_z.begin() + g.order1 * plane, scalar_t(0));
-            for (int64_t ho = 0; ho < tile.rows; ++ho)
-              for (int64_t wo = 0; wo < g.out_w; ++wo)
-                for (int64_t f = 0; f < g.n_basis; ++f) {
-                  const int64_t l = g.row_tap[f], m = g.col_tap[f];
-                  const scalar_t* src = grad_resp.data() + ((ho * g.out_w + wo) * g.n_basis + f) * cig;
-                  for (int64_t a_ = 0; a_ < g.k; ++a_) {
-                    const int64_t offset = m * plane + ((ho * g.stride_h + a_) * g.out_w + wo) * cig;
-                    const scalar_t tap = tp[l * g.k + a_];
-                    scalar_t* dst = grad_z.data() + offset;
-                    for (int64_t i = 0; i < cig; ++i) dst[i] += tap * src[i];
-                    if (need_taps) {
-                      const scalar_t* zr = z.data() + offset;
-                      scalar_t* acc = tap_acc.data() + (l * g.k + a_) * cig;
-                      for (int64_t i = 0; i < cig; ++i) acc[i] += src[i] * zr[i];
-                    }
+            // Transposed H pass, as a gather: grad_z[m][r][wo] = Σ_(f: m_f = m) Σ_ho b_l[r - ho·sH] ·
+            // grad_resp[ho·Wo + wo][f] over the ho with 0 <= r - ho·sH < K.
+            for (int64_t m = 0; m < g.order1; ++m)
+              for (int64_t r = 0; r < tile.footprint; ++r) {
+                const int64_t ho_lo = std::max<int64_t>(0, ceil_div(std::max<int64_t>(r - g.k + 1, 0), g.stride_h));
+                const int64_t ho_hi = std::min(tile.rows - 1, r / g.stride_h);
+                for (int64_t i0 = 0; i0 < lanes; i0 += V) {
+                  scalar_t* dst = grad_z.data() + (m * tile.footprint + r) * g.out_w * lanes + i0;
+                  for (int64_t wo = 0; wo < g.out_w; ++wo) std::fill(dst + wo * lanes, dst + wo * lanes + V, scalar_t(0));
+                  if (ho_hi < ho_lo) continue;
+                  for (int64_t f = 0; f < nb; ++f) {
+                    if (g.col_tap[f] != m) continue;
+                    lane_sums(g.out_w, dst, lanes, true, V, grad_resp.data() + (ho_lo * g.out_w * nb + f) * cig + i0,
+                              nb * cig, g.out_w * nb * cig, tp + g.row_tap[f] * g.k + (r - ho_lo * g.stride_h),
+                              -g.stride_h, ho_hi - ho_lo + 1);
                   }
                 }
-            // Transposed W pass; grad_z times the input is the gradient of b_m in its column role.
-            if (need_input) std::fill(grad_xt.begin(), grad_xt.begin() + tile.footprint * g.padded_w * cig, scalar_t(0));
-            for (int64_t r = 0; r < tile.footprint; ++r)
-              for (int64_t wo = 0; wo < g.out_w; ++wo)
-                for (int64_t c = 0; c < g.k; ++c) {
-                  const int64_t offset = (r * g.padded_w + wo * g.stride_w + c) * cig;
-                  for (int64_t m = 0; m < g.order1; ++m) {
-                    const scalar_t* gz = grad_z.data() + m * plane + (r * g.out_w + wo) * cig;
-                    if (need_input) {
-                      const scalar_t tap = tp[m * g.k + c];
-                      scalar_t* dst = grad_xt.data() + offset;
-                      for (int64_t i = 0; i < cig; ++i) dst[i] += tap * gz[i];
-                    }
-                    if (need_taps) {
-                      const scalar_t* src = xt.data() + offset;
-                      scalar_t* acc = tap_acc.data() + (m * g.k + c) * cig;
-                      for (int64_t i = 0; i < cig; ++i) acc[i] += gz[i] * src[i];
-                    }
-                  }
-                }
+              }
+            if (need_taps) {
+              // b_l in its row role: Σ_pixels grad_resp[.][f] · z[m][ho·sH + a][wo].
+              for (int64_t f = 0; f < nb; ++f)
+                for (int64_t a_ = 0; a_ < g.k; ++a_)
+                  for (int64_t ho = 0; ho < tile.rows; ++ho)
+                    for (int64_t i0 = 0; i0 < lanes; i0 += V)
+                      lane_dot(tap_acc.data() + (g.row_tap[f] * g.k + a_) * lanes + i0,
+                               grad_resp.data() + (ho * g.out_w * nb + f) * cig + i0, nb * cig,
+                               z.data() + ((g.col_tap[f] * tile.footprint + ho * g.stride_h + a_) * g.out_w) * lanes + i0,
+                               lanes, g.out_w);
+              // b_m in its column role: Σ grad_z[m][r][wo] · xt[r][wo·sW + c].
+              for (int64_t m = 0; m < g.order1; ++m)
+                for (int64_t c = 0; c < g.k; ++c)
+                  for (int64_t r = 0; r < tile.footprint; ++r)
+                    for (int64_t i0 = 0; i0 < lanes; i0 += V)
+                      lane_dot(tap_acc.data() + (m * g.k + c) * lanes + i0,
+                               grad_z.data() + ((m * tile.footprint + r) * g.out_w) * lanes + i0, lanes,
+                               xt.data() + (r * g.padded_w + c) * lanes + i0, g.stride_w * lanes, g.out_w);
+            }
             if (need_input) {
+              // Transposed W pass, scattered: grad_xt[r][wo·sW + c] += b_m[c] · grad_z[m][r][wo]
+              // (consecutive c update distinct rows, so no chain through memory).
               for (int64_t r = 0; r < tile.footprint; ++r) {
                 const int64_t h = tile.first_padded_row + r - g.pad_h;
                 if (h < 0 || h >= g.height) continue;
+                scalar_t* grad_row = grad_xt.data() + r * g.padded_w * lanes;
+                std::fill(grad_row, grad_row + g.padded_w * lanes, scalar_t(0));
+                for (int64_t m = 0; m < g.order1; ++m)
+                  for (int64_t wo = 0; wo < g.out_w; ++wo) {
+                    const scalar_t* gz = grad_z.data() + ((m * tile.footprint + r) * g.out_w + wo) * lanes;
+                    for (int64_t c = 0; c < g.k; ++c) {
+                      const scalar_t tap = tp[m * g.k + c];
+                      scalar_t* dst = grad_row + (wo * g.stride_w + c) * lanes;
+                      for (int64_t i = 0; i < lanes; ++i) dst[i] += tap * gz[i];
+                    }
+                  }
                 for (int64_t i = 0; i < cig; ++i) {
                   scalar_t* dst = gx + first_plane + (i * g.height + h) * g.width;
-                  const scalar_t* src = grad_xt.data() + (r * g.padded_w + g.pad_w) * cig + i;
-                  for (int64_t w = 0; w < g.width; ++w) dst[w] += src[w * cig];
+                  const scalar_t* src = grad_xt.data() + (r * g.padded_w + g.pad_w) * lanes + i;
+                  for (int64_t w = 0; w < g.width; ++w) dst[w] += src[w * lanes];
                 }
               }
             }
@@ -317,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> srf_conv2d_backward_cpu(
         if (need_taps) {
           scalar_t* part = taps_parts.select(0, tid).mutable_data_ptr<scalar_t>();
           for (int64_t j = 0; j < g.order1 * g.k; ++j)
-            for (int64_t i = 0; i < cig; ++i) part[j] += tap_acc[j * cig + i];
+            for (int64_t i = 0; i < cig; ++i) part[j] += tap_acc[j * lanes + i];
         }
       });
     }
