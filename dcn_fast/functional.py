@@ -13,7 +13,7 @@ from .basis import MAX_RADIUS, num_basis, srf_taps
 from .reference import srf_conv2d_reference
 from .separable import dense_srf_conv2d, separable_srf_conv2d
 
-__all__ = ["srf_conv2d", "BACKENDS", "resolve_backend"]
+__all__ = ["srf_conv2d", "BACKENDS", "check_options", "resolve_backend", "truncation_radius"]
 
 BACKENDS = ("auto", "reference", "separable", "cpu")
 
@@ -30,6 +30,14 @@ def _pair(value, name: str, minimum: int) -> tuple[int, int]:
     return items
 
 
+def truncation_radius(scale: torch.Tensor, truncate: float) -> int:
+    """Published radius ``ceil(truncate · σ + 0.5)`` of the largest σ (reads σ back to the host).
+
+    Same tensor arithmetic as the taps' own truncation, so both agree at the edges.
+    """
+    return int(torch.ceil(truncate * (2.0 ** scale.detach()).max() + 0.5).item())
+
+
 @dataclass(frozen=True)
 class _Spec:
     """Validated geometry of one call."""
@@ -40,7 +48,34 @@ class _Spec:
     padding: tuple[int, int]
 
 
+def check_options(
+    *, order: int, truncate: float, stride: IntPair, padding: Padding, groups: int, kernel_size: int | None
+) -> tuple[tuple[int, int], str | tuple[int, int]]:
+    """Validate the tensor-independent arguments; returns stride and padding normalised."""
+    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
+        raise ValueError(f"order must be an int >= 0, got {order!r}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    if isinstance(truncate, bool) or not (isinstance(truncate, (int, float)) and math.isfinite(truncate) and truncate > 0):
+        raise ValueError(f"truncate must be a finite number > 0, got {truncate!r}")
+    if kernel_size is not None:
+        if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be None or an odd int >= 1, got {kernel_size!r}")
+        if kernel_size > 2 * MAX_RADIUS + 1:
+            raise ValueError(f"kernel_size must be <= {2 * MAX_RADIUS + 1}, got {kernel_size}")
+    stride = _pair(stride, "stride", 1)
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same', 'valid', an int >= 0 or a pair, got {padding!r}")
+    else:
+        padding = _pair(padding, "padding", 0)
+    return stride, padding
+
+
 def _validate(input, scale, alpha, order, truncate, stride, padding, groups, bias, kernel_size) -> _Spec:
+    stride, padding = check_options(
+        order=order, truncate=truncate, stride=stride, padding=padding, groups=groups, kernel_size=kernel_size
+    )
     for name, t in (("input", input), ("scale", scale), ("alpha", alpha)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -48,12 +83,6 @@ def _validate(input, scale, alpha, order, truncate, stride, padding, groups, bia
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if input.dim() != 4:
         raise ValueError(f"input must be 4-D [batch, channels, height, width], got shape {tuple(input.shape)}")
-    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
-        raise ValueError(f"order must be an int >= 0, got {order!r}")
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
-    if not (isinstance(truncate, (int, float)) and math.isfinite(truncate) and truncate > 0):
-        raise ValueError(f"truncate must be a finite number > 0, got {truncate!r}")
     c_in = input.shape[1]
     if c_in % groups:
         raise ValueError(f"groups={groups} must divide the input channels ({c_in})")
@@ -87,17 +116,11 @@ def _validate(input, scale, alpha, order, truncate, stride, padding, groups, bia
         raise ValueError("scale (log2 σ) must be finite, got NaN or inf")
 
     if kernel_size is not None:
-        if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be None or an odd int >= 1, got {kernel_size!r}")
         radius = kernel_size // 2
-        if radius > MAX_RADIUS:
-            raise ValueError(f"kernel_size must be <= {2 * MAX_RADIUS + 1}, got {kernel_size}")
     else:
         if sharing == "pair":
             raise ValueError("one σ per (output, input) pair needs a fixed kernel_size (published σ^ji: 7)")
-        # Same arithmetic as the taps' own truncation, so both agree at the edges.
-        radius_t = torch.ceil(truncate * (2.0 ** scale.detach()).max() + 0.5)
-        radius = int(radius_t.item())
+        radius = truncation_radius(scale, truncate)
         if radius > MAX_RADIUS:
             limit = math.log2((MAX_RADIUS - 0.5) / truncate)
             raise ValueError(
@@ -105,13 +128,7 @@ def _validate(input, scale, alpha, order, truncate, stride, padding, groups, bia
                 f"kernel of {2 * radius + 1} taps; the cap is {2 * MAX_RADIUS + 1} (scale <= {limit:.3f})"
             )
 
-    stride = _pair(stride, "stride", 1)
-    if isinstance(padding, str):
-        if padding not in ("same", "valid"):
-            raise ValueError(f"padding must be 'same', 'valid', an int >= 0 or a pair, got {padding!r}")
-        pad = (radius, radius) if padding == "same" else (0, 0)
-    else:
-        pad = _pair(padding, "padding", 0)
+    pad = {"same": (radius, radius), "valid": (0, 0)}[padding] if isinstance(padding, str) else padding
     height, width = input.shape[-2:]
     k = 2 * radius + 1
     if height + 2 * pad[0] < k or width + 2 * pad[1] < k:

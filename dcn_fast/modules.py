@@ -1,1 +1,212 @@
-class SRFConv2d: pass
+"""``SRFConv2d``: a drop-in ``nn.Conv2d`` with a learnable-scale Gaussian N-jet basis."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .basis import num_basis, srf_taps
+from .functional import BACKENDS, IntPair, Padding, check_options, srf_conv2d, truncation_radius
+from .separable import dense_filters
+
+__all__ = ["SRFConv2d", "SCALE_SHARING"]
+
+#: How many σ a layer learns: one, one per output channel, or one per (output, input) pair.
+SCALE_SHARING = ("layer", "channel", "pair")
+
+#: Published initialisation: α ~ N(0, 0.1²); learned log2 σ ~ N(init_scale, (2/3)²).
+ALPHA_INIT_STD = 0.1
+SCALE_INIT_STD = 2.0 / 3.0
+
+
+class SRFConv2d(nn.Module):
+    """Structured-receptive-field convolution: ``nn.Conv2d`` whose filters are
+    Gaussian-derivative (N-jet) expansions at a learnable scale σ = 2^scale.
+
+    The filter of output o and input i is ``Σ_f alpha[f, i, o] · B_f(σ)`` with
+    the published basis (DESIGN.md §1); its size follows σ:
+    ``K = 2·ceil(truncate·σ + 0.5) + 1`` unless ``kernel_size`` fixes it.
+
+    Args:
+        in_channels, out_channels: channel counts (≥ 1).
+        order: highest derivative order N (F = (N+1)(N+2)/2 basis functions).
+        init_scale: initial log2 σ. A learned scale is drawn from
+            N(init_scale, (2/3)²) as in the published code; a fixed one equals it.
+        learn_scale: whether ``scale`` receives gradients.
+        truncate: ``k`` of the radius ``ceil(k σ + 0.5)``.
+        stride, padding, groups: as in ``nn.Conv2d``; padding ``"same"`` is the
+            radius (as published), ``"valid"`` none.
+        bias: add a learnable bias (initialised to zero).
+        scale_sharing: ``"layer"`` (one σ, shape [1]), ``"channel"`` (one per
+            output channel) or ``"pair"`` (σ^ji, one per (output, input) pair;
+            needs ``kernel_size``, published: 7).
+        kernel_size: fixed odd K instead of the σ-dependent size.
+        backend: see :func:`dcn_fast.srf_conv2d`.
+
+    Shapes: input ``[B, C_in, H, W]`` → output ``[B, C_out, Ho, Wo]``.
+    Parameters: ``alpha`` ``[F, C_in/groups, C_out]`` and ``scale``.
+
+    State dicts of the published ``Srf_layer_shared`` (keys ``alphas`` and
+    ``scales``) load directly.
+
+    Example:
+        >>> layer = SRFConv2d(3, 16, init_scale=0.0)
+        >>> layer(torch.randn(8, 3, 32, 32)).shape
+        torch.Size([8, 16, 32, 32])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        order: int = 2,
+        init_scale: float = 0.0,
+        learn_scale: bool = True,
+        truncate: float = 2.0,
+        stride: IntPair = 1,
+        padding: Padding = "same",
+        groups: int = 1,
+        bias: bool = False,
+        scale_sharing: str = "layer",
+        kernel_size: int | None = None,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        stride, padding = check_options(
+            order=order, truncate=truncate, stride=stride, padding=padding, groups=groups, kernel_size=kernel_size
+        )
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"groups={groups} must divide in_channels ({in_channels}) and out_channels ({out_channels})"
+            )
+        if scale_sharing not in SCALE_SHARING:
+            raise ValueError(f"scale_sharing must be one of {SCALE_SHARING}, got {scale_sharing!r}")
+        if scale_sharing == "pair" and kernel_size is None:
+            raise ValueError("scale_sharing='pair' (σ^ji) needs a fixed kernel_size (published: 7)")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        if not isinstance(init_scale, (int, float)) or not torch.isfinite(torch.tensor(float(init_scale))):
+            raise ValueError(f"init_scale must be a finite number, got {init_scale!r}")
+
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.order, self.truncate, self.stride, self.padding = order, float(truncate), stride, padding
+        self.groups, self.scale_sharing, self.fixed_kernel_size = groups, scale_sharing, kernel_size
+        self.init_scale, self.learn_scale, self.backend = float(init_scale), learn_scale, backend
+
+        factory = {"device": device, "dtype": dtype}
+        self.alpha = nn.Parameter(torch.empty(num_basis(order), in_channels // groups, out_channels, **factory))
+        scale_shape = {"layer": (1,), "channel": (out_channels,), "pair": (out_channels, in_channels // groups)}
+        self.scale = nn.Parameter(torch.empty(scale_shape[scale_sharing], **factory), requires_grad=learn_scale)
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Published initialisation (see the class docstring)."""
+        with torch.no_grad():
+            nn.init.normal_(self.alpha, 0.0, ALPHA_INIT_STD)
+            if self.learn_scale:
+                nn.init.normal_(self.scale, self.init_scale, SCALE_INIT_STD)
+            else:
+                self.scale.fill_(self.init_scale)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        """σ = 2^scale (detached), shaped like ``scale``."""
+        return 2.0 ** self.scale.detach()
+
+    @property
+    def radius(self) -> int:
+        """Current tap radius r (K = 2r + 1); reads σ back to the host."""
+        if self.fixed_kernel_size is not None:
+            return self.fixed_kernel_size // 2
+        return truncation_radius(self.scale, self.truncate)
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        """Current (K, K), as ``nn.Conv2d.kernel_size``."""
+        k = 2 * self.radius + 1
+        return (k, k)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return srf_conv2d(
+            input,
+            self.scale,
+            self.alpha,
+            order=self.order,
+            truncate=self.truncate,
+            stride=self.stride,
+            padding=self.padding,
+            groups=self.groups,
+            bias=self.bias,
+            kernel_size=self.fixed_kernel_size,
+            backend=self.backend,
+        )
+
+    def filters(self) -> torch.Tensor:
+        """The dense filters ``[C_out, C_in/groups, K, K]`` (differentiable)."""
+        radius = self.radius
+        truncate = self.truncate if self.fixed_kernel_size is None else None
+        taps = srf_taps(self.scale, self.order, radius, truncate)
+        if self.scale_sharing == "layer":
+            taps = taps.reshape(taps.shape[-2:])
+        else:
+            taps = taps.reshape(self.out_channels, -1, *taps.shape[-2:])
+        return dense_filters(taps, self.alpha, self.order)
+
+    def to_conv2d(self) -> nn.Conv2d:
+        """An equivalent ``nn.Conv2d`` with the current filters, frozen (for export)."""
+        weight = self.filters().detach()
+        k = weight.shape[-1]
+        padding = {"same": k // 2, "valid": 0}.get(self.padding, self.padding)
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            k,
+            stride=self.stride,
+            padding=padding,
+            groups=self.groups,
+            bias=self.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        conv.requires_grad_(False)
+        return conv
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The published Srf_layer_shared names its parameters alphas / scales.
+        for published, ours in (("alphas", "alpha"), ("scales", "scale")):
+            if prefix + published in state_dict and prefix + ours not in state_dict:
+                state_dict[prefix + ours] = state_dict.pop(prefix + published)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"{self.in_channels}, {self.out_channels}",
+            f"order={self.order}",
+            f"scale_sharing={self.scale_sharing!r}",
+            f"learn_scale={self.learn_scale}",
+        ]
+        if self.scale.numel() == 1:
+            parts.append(f"sigma={float(self.sigma):.4g}")
+        parts.append(f"kernel_size={self.kernel_size}")
+        if self.stride != (1, 1):
+            parts.append(f"stride={self.stride}")
+        parts.append(f"padding={self.padding!r}")
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}")
+        if self.bias is None:
+            parts.append("bias=False")
+        parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)

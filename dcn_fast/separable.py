@@ -17,7 +17,7 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 
 from .basis import basis_from_taps, basis_pairs
 
-__all__ = ["separable_srf_conv2d", "dense_srf_conv2d"]
+__all__ = ["separable_srf_conv2d", "dense_srf_conv2d", "dense_filters"]
 
 
 def _pair_index(order: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,6 +131,19 @@ def separable_srf_conv2d(
     return _SeparableSRFConv2d.apply(input, taps, alpha, order, stride, padding, groups)
 
 
+def dense_filters(taps: torch.Tensor, alpha: torch.Tensor, order: int) -> torch.Tensor:
+    """Dense filters ``[C_out, C_in/groups, K, K]`` from taps and α.
+
+    ``taps`` is ``[order+1, K]`` (one basis) or ``[C_out, 1 or C_in/groups, order+1, K]``;
+    ``W[o,i] = Σ_f α[f,i,o] B_f^(o,i)``, differentiable in both.
+    """
+    if taps.dim() == 2:
+        return torch.einsum("fio,fhw->oihw", alpha, basis_from_taps(taps, order))
+    basis = basis_from_taps(taps, order)  # [C_out, 1|C_in_g, F, K, K]
+    basis = basis.expand(alpha.shape[2], alpha.shape[1], *basis.shape[2:])
+    return torch.einsum("fio,oifhw->oihw", alpha, basis)
+
+
 def dense_srf_conv2d(
     input: torch.Tensor,
     taps: torch.Tensor,
@@ -142,12 +155,8 @@ def dense_srf_conv2d(
 ) -> torch.Tensor:
     """SRF convolution through the dense filter, for taps that differ per channel.
 
-    ``taps`` is ``[C_out, 1 or C_in/groups, order+1, K]``; the filter
-    ``W[o,i] = Σ_f α[f,i,o] B_f^(o,i)`` is built by one einsum and convolved
-    densely. Gradients of x and α come from ``conv2d``/``einsum``, the σ
-    gradient from the analytic tap gradient.
+    ``taps`` is ``[C_out, 1 or C_in/groups, order+1, K]``; the filter is built
+    by :func:`dense_filters` and convolved densely. Gradients of x and α come
+    from ``conv2d``/``einsum``, the σ gradient from the analytic tap gradient.
     """
-    basis = basis_from_taps(taps, order)  # [C_out, 1|C_in_g, F, K, K]
-    basis = basis.expand(alpha.shape[2], alpha.shape[1], *basis.shape[2:])
-    weight = torch.einsum("fio,oifhw->oihw", alpha, basis)
-    return F.conv2d(input, weight, stride=stride, padding=padding, groups=groups)
+    return F.conv2d(input, dense_filters(taps, alpha, order), stride=stride, padding=padding, groups=groups)

@@ -1,0 +1,23 @@
+import shutil
+
+import pytest
+import torch
+
+from dcn_fast import ops
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def cpu_kernel_or_skip():
+    """The C++ kernel must build wherever a compiler exists; skip (with the reason) elsewhere."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine: the 'cpu' backend falls back to 'separable'")
+    assert ops.cpu_kernel_available(), f"C++ kernel failed to build: {ops._state.get('error')}"
+
+
+@pytest.fixture
+def cpu_kernel():
+    cpu_kernel_or_skip()
