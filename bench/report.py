@@ -1,0 +1,41 @@
+"""Markdown table of a pytest-benchmark JSON: median per backend and speedups over `reference`.
+
+    python bench/report.py bench/results/cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json_file", help="output of pytest --benchmark-json")
+    args = parser.parse_args(argv)
+    with open(args.json_file, encoding="utf-8") as f:
+        data = json.load(f)
+    rows: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        rows[(info["layer"], info["sigma"])][info["backend"]] = bench["stats"]["median"] * 1e3
+    machine = data["machine_info"]
+    backends = sorted({b for r in rows.values() for b in r}, key=lambda b: (b != "reference", b))
+    print(
+        f"Machine: {machine.get('cpu_model') or machine.get('cpu', {}).get('brand_raw', '?')}, "
+        f"{machine.get('torch_threads')} threads, GPU {machine.get('gpu')}, torch {machine.get('torch')}, "
+        f"commit {machine.get('commit')}, {data.get('datetime', '')[:10]}\n"
+    )
+    others = [b for b in backends if b != "reference"]
+    header = ["layer", "σ"] + [f"{b} ms" for b in backends] + [f"ref/{b}" for b in others]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for (layer, sigma), times in sorted(rows.items()):
+        cells = [layer, f"{sigma:g}"] + [f"{times[b]:.1f}" if b in times else "–" for b in backends]
+        cells += [f"{times['reference'] / times[b]:.1f}×" if b in times and "reference" in times else "–" for b in others]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
