@@ -21,4 +21,5 @@ setup(
     package_data={"dcn_fast.csrc": ["*.cpp", "cpu/*.cpp"]},
     install_requires=["torch>=2.6,<3", "ninja", "numpy"],
     extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
+    entry_points={"console_scripts": ["dcn-fast = dcn_fast.cli:main"]},
 )

@@ -12,6 +12,7 @@ no compiler is available the op is absent and callers fall back to the
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import threading
@@ -51,17 +52,25 @@ def _cpu_tag() -> str:
 
 
 def _build() -> None:
-    from torch.utils.cpp_extension import load
+    # cpp_extension logs a warning about CUDA_HOME on CPU-only machines when it
+    # is imported; the CPU kernel does not need CUDA, so keep that quiet.
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
 
-    src = source_dir()
-    load(
-        name=f"dcn_fast_cpu_{_cpu_tag()}",
-        sources=[str(src / "srf_conv2d.cpp"), str(src / "cpu" / "srf_conv2d_kernel.cpp")],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-        verbose=os.environ.get("DCN_FAST_VERBOSE_BUILD") == "1",
-    )
+        src = source_dir()
+        load(
+            name=f"dcn_fast_cpu_{_cpu_tag()}",
+            sources=[str(src / "srf_conv2d.cpp"), str(src / "cpu" / "srf_conv2d_kernel.cpp")],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=os.environ.get("DCN_FAST_VERBOSE_BUILD") == "1",
+        )
+    finally:
+        logger.setLevel(level)
     _register_python_side()
 
 
