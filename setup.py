@@ -19,7 +19,7 @@ setup(
     # The C++ sources ship inside the package so an installed wheel can build them too.
     package_dir={"dcn_fast.csrc": "csrc"},
     package_data={"dcn_fast.csrc": ["*.cpp", "cpu/*.cpp"]},
-    install_requires=["torch>=2.6,<3", "ninja", "numpy"],
+    install_requires=["torch>=2.6,<3", "torchdiffeq>=0.2.3", "ninja", "numpy", "pillow", "tqdm"],
     extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
     entry_points={"console_scripts": ["dcn-fast = dcn_fast.cli:main"]},
 )

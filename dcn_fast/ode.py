@@ -1,0 +1,226 @@
+"""ODE blocks of DCNs and ODE-Nets (DESIGN.md §3).
+
+The published ODE function is
+``f(t, h) = GN(conv2(t, CELU(GN(conv1(t, CELU(GN(h)))))))`` where ``conv(t, x)``
+convolves ``cat[t·1, x]``. Here the time channel is never materialised: by
+linearity ``conv(cat[t·1, x]) = conv_x(x) + t·M`` with ``M = conv_t(1)`` (a
+``[1, C_out, Ho, Wo]`` map whose borders carry the zero padding), exact to
+float rounding. With static weights M is computed once per solve.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .basis import num_basis
+from .functional import srf_conv2d
+from .modules import SRFConv2d
+
+__all__ = ["TimeConv", "ODEFunc", "ODEBlock", "META_KINDS"]
+
+#: Meta-parametrised scale/coefficient laws of the paper's Table 4.
+META_KINDS = ("sigma_t", "sigma_t2", "sigma_alpha_t")
+
+#: t is clipped to [T_MIN, T_MAX] and scaled by TAU before entering a meta law.
+T_MIN, T_MAX, TAU = -0.5, 2.5, 0.5
+
+
+class TimeConv(nn.Module):
+    """``conv(t, x)``: a convolution of ``cat[t·1, x]`` without the concatenation.
+
+    Args:
+        channels_in, channels_out: channels of ``x`` and of the result (the
+            underlying layer sees ``channels_in + 1`` inputs, time first, as in
+            the published ``ConcatConv2d``).
+        kind: ``"conv"`` (3x3 ``nn.Conv2d`` with bias, as ODE-Net), ``"srf"``
+            (``SRFConv2d``, one σ), ``"srf_pair"`` (σ^ji, fixed 7x7), or a
+            meta law of :data:`META_KINDS` (σ and/or α functions of t).
+        backend: SRF backend.
+    """
+
+    def __init__(self, channels_in: int, channels_out: int, kind: str = "srf", backend: str = "auto") -> None:
+        super().__init__()
+        self.kind = kind
+        self.backend = backend
+        c_in = channels_in + 1
+        self._cache: dict | None = None
+        if kind == "conv":
+            self.layer = nn.Conv2d(c_in, channels_out, 3, padding=1)
+        elif kind == "srf":
+            self.layer = SRFConv2d(c_in, channels_out, backend=backend)
+        elif kind == "srf_pair":
+            self.layer = SRFConv2d(c_in, channels_out, scale_sharing="pair", kernel_size=7, backend=backend)
+        elif kind in META_KINDS:
+            f = num_basis(2)
+            self.alpha = nn.Parameter(0.1 * torch.randn(f, c_in, channels_out))
+            if kind == "sigma_alpha_t":
+                self.alpha_slope = nn.Parameter(0.1 * torch.randn(f, c_in, channels_out))
+                self.alpha.data.mul_(0.5)  # b_α ~ N(0, 0.05), a_α ~ N(0, 0.1)
+            # Published inits (DESIGN.md §1): one coefficient per power of t.
+            stds = {"sigma_t": (2 / 3, 0.1), "sigma_t2": (2 / 3, 2 / 3 / 2, 0.1), "sigma_alpha_t": (2 / 3, 0.1)}[kind]
+            self.scale_coeffs = nn.Parameter(torch.randn(len(stds)) * torch.tensor(stds))
+        else:
+            raise ValueError(f"kind must be 'conv', 'srf', 'srf_pair' or one of {META_KINDS}, got {kind!r}")
+
+    @property
+    def time_dependent(self) -> bool:
+        return self.kind in META_KINDS
+
+    def begin_solve(self, cache: bool) -> None:
+        """Start of a solve: keep M for its duration if the weights stay fixed during it."""
+        self._cache = {} if cache and not self.time_dependent else None
+
+    def end_solve(self) -> None:
+        self._cache = None
+
+    def _meta(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = TAU * t.clamp(T_MIN, T_MAX)
+        c = self.scale_coeffs
+        if self.kind == "sigma_t2":
+            scale = c[0] * s * s + c[1] * s + c[2]
+        else:
+            scale = c[0] * s + c[1]
+        alpha = self.alpha + self.alpha_slope * s if self.kind == "sigma_alpha_t" else self.alpha
+        return scale.reshape(1), alpha
+
+    def _apply(self, x: torch.Tensor, part: slice, scale=None, alpha=None) -> torch.Tensor:
+        """The convolution restricted to input channels ``part`` (0 = time, 1: = x)."""
+        if self.kind == "conv":
+            bias = self.layer.bias if part.start == 1 else None
+            return F.conv2d(x, self.layer.weight[:, part], bias, padding=1)
+        if self.kind in ("srf", "srf_pair"):
+            layer = self.layer
+            scale = layer.scale if layer.scale_sharing == "layer" else layer.scale[:, part]
+            return srf_conv2d(
+                x, scale, layer.alpha[:, part], kernel_size=layer.fixed_kernel_size, backend=self.backend
+            )
+        return srf_conv2d(x, scale, alpha[:, part], backend=self.backend)
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        scale = alpha = None
+        if self.time_dependent:
+            scale, alpha = self._meta(t)
+        out = self._apply(x, slice(1, None), scale, alpha)
+        key = tuple(x.shape[-2:])
+        m = self._cache.get(key) if self._cache is not None else None
+        if m is None:
+            m = self._apply(x.new_ones(1, 1, *key), slice(0, 1), scale, alpha)
+            if self._cache is not None:
+                self._cache[key] = m
+        return out + t.to(out.dtype) * m
+
+
+def group_norm(channels: int, groups: int | None = None) -> nn.GroupNorm:
+    """GroupNorm with min(32, C) groups (or ``groups``)."""
+    return nn.GroupNorm(groups or min(32, channels), channels)
+
+
+class ODEFunc(nn.Module):
+    """``f(t, h) = GN(conv2(t, act(GN(conv1(t, act(GN(h)))))))``; counts its evaluations in ``nfe``."""
+
+    def __init__(
+        self,
+        channels: int,
+        kind: str = "srf",
+        activation: Callable[[], nn.Module] = nn.CELU,
+        norm_groups: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.norm1 = group_norm(channels, norm_groups)
+        self.conv1 = TimeConv(channels, channels, kind, backend)
+        self.norm2 = group_norm(channels, norm_groups)
+        self.conv2 = TimeConv(channels, channels, kind, backend)
+        self.norm3 = group_norm(channels, norm_groups)
+        self.act = activation()
+        self.nfe = 0
+
+    def forward(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        out = self.conv1(t, self.act(self.norm1(h)))
+        out = self.conv2(t, self.act(self.norm2(out)))
+        return self.norm3(out)
+
+
+class ODEBlock(nn.Module):
+    """``h(T)`` of ``dh/dt = func(t, h)``, ``h(0) = x``, with a torchdiffeq solver.
+
+    Args:
+        func: the ODE function (an :class:`ODEFunc`, or any module ``(t, h) -> dh``
+            with an ``nfe`` counter).
+        T: end time (DCN: 2, ODE-Net: 1).
+        method, rtol, atol, options: passed to ``torchdiffeq.odeint``.
+        adjoint: solve the adjoint ODE for gradients (memory O(1) in the number
+            of steps) instead of backpropagating through the solver.
+        adjoint_options: e.g. ``{"norm": "seminorm"}`` (fewer backward steps).
+
+    ``nfe_forward`` / ``nfe_backward`` hold the evaluations of the last forward
+    and of the backward that followed it (updated by :meth:`count_backward`).
+    """
+
+    def __init__(
+        self,
+        func: nn.Module,
+        T: float = 2.0,
+        method: str = "dopri5",
+        rtol: float = 1e-3,
+        atol: float = 1e-3,
+        adjoint: bool = True,
+        options: dict | None = None,
+        adjoint_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(T, (int, float)) and math.isfinite(T) and T > 0):
+            raise ValueError(f"T must be a finite number > 0, got {T!r}")
+        for name, tol in (("rtol", rtol), ("atol", atol)):
+            if not (isinstance(tol, (int, float)) and tol > 0):
+                raise ValueError(f"{name} must be > 0, got {tol!r}")
+        self.func, self.T, self.method = func, float(T), method
+        self.rtol, self.atol, self.adjoint = rtol, atol, adjoint
+        self.options, self.adjoint_options = options, adjoint_options
+        self.nfe_forward = 0
+        self.nfe_backward = 0
+        self._nfe_after_forward = 0
+
+    def _time_convs(self):
+        return [m for m in self.func.modules() if isinstance(m, TimeConv)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torchdiffeq
+
+        t = torch.tensor([0.0, self.T], dtype=x.dtype, device=x.device)
+        start = self.func.nfe
+        # M maps are reused across the evaluations of one solve only when the
+        # gradient flows through the forward graph; the adjoint re-evaluates f.
+        for conv in self._time_convs():
+            conv.begin_solve(cache=not self.adjoint)
+        try:
+            if self.adjoint:
+                kwargs = {"adjoint_options": self.adjoint_options} if self.adjoint_options else {}
+                out = torchdiffeq.odeint_adjoint(
+                    self.func, x, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options,
+                    adjoint_params=tuple(self.func.parameters()), **kwargs,
+                )
+            else:
+                out = torchdiffeq.odeint(
+                    self.func, x, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options
+                )
+        finally:
+            for conv in self._time_convs():
+                conv.end_solve()
+        self.nfe_forward = self.func.nfe - start
+        self._nfe_after_forward = self.func.nfe
+        return out[1]
+
+    def count_backward(self) -> int:
+        """Evaluations since the end of the last forward (call after ``backward()``)."""
+        self.nfe_backward = self.func.nfe - self._nfe_after_forward
+        return self.nfe_backward
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}, method={self.method!r}, rtol={self.rtol}, atol={self.atol}, adjoint={self.adjoint}"
