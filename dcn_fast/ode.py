@@ -88,7 +88,7 @@ class TimeConv(nn.Module):
         alpha = self.alpha + self.alpha_slope * s if self.kind == "sigma_alpha_t" else self.alpha
         return scale.reshape(1), alpha
 
-    def _apply(self, x: torch.Tensor, part: slice, scale=None, alpha=None) -> torch.Tensor:
+    def _conv(self, x: torch.Tensor, part: slice, scale=None, alpha=None) -> torch.Tensor:
         """The convolution restricted to input channels ``part`` (0 = time, 1: = x)."""
         if self.kind == "conv":
             bias = self.layer.bias if part.start == 1 else None
@@ -105,11 +105,11 @@ class TimeConv(nn.Module):
         scale = alpha = None
         if self.time_dependent:
             scale, alpha = self._meta(t)
-        out = self._apply(x, slice(1, None), scale, alpha)
+        out = self._conv(x, slice(1, None), scale, alpha)
         key = tuple(x.shape[-2:])
         m = self._cache.get(key) if self._cache is not None else None
         if m is None:
-            m = self._apply(x.new_ones(1, 1, *key), slice(0, 1), scale, alpha)
+            m = self._conv(x.new_ones(1, 1, *key), slice(0, 1), scale, alpha)
             if self._cache is not None:
                 self._cache[key] = m
         return out + t.to(out.dtype) * m
