@@ -89,8 +89,8 @@ def default_epochs(images_per_class: int | None) -> int:
 
 
 def _lr_at(config: TrainConfig, epoch: int, epochs: int) -> float:
-    """Step schedule: ×0.1 at 40 % and 70 % of the run (epochs 40 and 70 of 100)."""
-    return config.lr * 0.1 ** sum(epoch >= round(epochs * f) for f in (0.4, 0.7))
+    """Step schedule: ×0.1 at 40 % and 70 % of the run (epochs 40 and 70 of 100), never at epoch 0."""
+    return config.lr * 0.1 ** sum(epoch >= max(1, int(epochs * f)) for f in (0.4, 0.7))
 
 
 class _Distributed:

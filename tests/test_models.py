@@ -1,0 +1,92 @@
+"""The paper's models, ODE blocks and the time channel without concatenation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dcn_fast import srf_conv2d
+from dcn_fast.models import MODELS, PARAMETER_COUNTS, build
+from dcn_fast.ode import META_KINDS, TAU, ODEBlock, ODEFunc, TimeConv
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_parameter_counts_of_table_1(name):
+    assert build(name).num_parameters() == PARAMETER_COUNTS[name]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_forward_backward_shapes(name):
+    # Loose tolerances keep the solver short; the shapes and the gradient flow are what is tested.
+    model = build(name, rtol=0.5, atol=0.5, adjoint=name == "dcn-ode", num_classes=7)
+    x = torch.randn(2, 3, 32, 32)
+    logits = model(x)
+    assert logits.shape == (2, 7)
+    logits.square().sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not missing, missing
+    if MODELS[name].stage == "ode":
+        assert all(block.nfe_forward > 0 and block.count_backward() >= 0 for block in model.ode_blocks())
+
+
+def test_build_rejects_unknown_model():
+    with pytest.raises(ValueError, match="unknown model 'dcn'; choose one of: odenet, resnet-blocks"):
+        build("dcn")
+
+
+def explicit_concat(conv: TimeConv, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The published ConcatConv2d: convolve cat[t·1, x]."""
+    tx = torch.cat([torch.ones_like(x[:, :1]) * t, x], 1)
+    if conv.kind == "conv":
+        return conv.layer(tx)
+    if conv.kind in ("srf", "srf_pair"):
+        return conv.layer(tx)
+    scale, alpha = conv._meta(t)
+    return srf_conv2d(tx, scale, alpha, backend="reference")
+
+
+@pytest.mark.parametrize("kind", ["conv", "srf", "srf_pair", *META_KINDS])
+@pytest.mark.parametrize("t", [0.0, 0.7, 2.9])
+def test_time_channel_without_concatenation_is_exact(kind, t):
+    conv = TimeConv(3, 4, kind).double()
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    tt = torch.tensor(t, dtype=torch.float64)
+    expected = explicit_concat(conv, tt, x)
+    torch.testing.assert_close(conv(tt, x), expected, rtol=1e-10, atol=1e-12)
+    conv.begin_solve(cache=True)  # M reused within a solve
+    torch.testing.assert_close(conv(tt, x), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(conv(tt, 2 * x), explicit_concat(conv, tt, 2 * x), rtol=1e-10, atol=1e-12)
+    conv.end_solve()
+
+
+def test_meta_laws_clip_and_scale_time():
+    conv = TimeConv(2, 2, "sigma_t2")
+    a, b, c = conv.scale_coeffs.tolist()
+    for t, s in [(1.0, TAU * 1.0), (9.0, TAU * 2.5), (-3.0, TAU * -0.5)]:
+        scale, _ = conv._meta(torch.tensor(t))
+        assert scale.item() == pytest.approx(a * s * s + b * s + c, rel=1e-6)
+
+
+def test_adjoint_gradients_match_backprop_through_the_solver():
+    torch.manual_seed(0)
+    func = ODEFunc(3, "srf", norm_groups=1).double()
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    grads = {}
+    for adjoint in (False, True):
+        block = ODEBlock(func, T=0.5, rtol=1e-10, atol=1e-10, adjoint=adjoint)
+        func.zero_grad()
+        xi = x.clone().requires_grad_()
+        block(xi).sin().sum().backward()
+        grads[adjoint] = [xi.grad] + [p.grad.clone() for p in func.parameters()]
+    # Both are solver approximations of the same gradient; at tolerance 1e-10
+    # they agree to ~1e-5 of the largest entry (1e-3 at tolerance 1e-6).
+    for direct, adjoint in zip(grads[False], grads[True]):
+        assert float((adjoint - direct).abs().max() / direct.abs().max()) < 1e-4
+
+
+def test_ode_block_errors():
+    with pytest.raises(ValueError, match="T must be a finite number > 0"):
+        ODEBlock(ODEFunc(4), T=0)
+    with pytest.raises(ValueError, match="rtol must be > 0"):
+        ODEBlock(ODEFunc(4), rtol=0)
+    with pytest.raises(ValueError, match="kind must be"):
+        TimeConv(2, 2, "dense")

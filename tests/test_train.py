@@ -1,0 +1,198 @@
+"""Data loading, augmentation, training, checkpoint/resume, DDP and the CLI."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from dcn_fast import cli
+from dcn_fast import train as train_module
+from dcn_fast.data import CLASSES, augment, load_cifar10, per_class_subset, sample_archive
+from dcn_fast.train import TrainConfig, default_epochs, evaluate_checkpoint, train
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DCN_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def test_shipped_sample():
+    data = load_cifar10()
+    assert data.train_images.shape == (2000, 3, 32, 32) and data.train_images.dtype == torch.uint8
+    assert data.test_images.shape == (500, 3, 32, 32)
+    assert torch.equal(data.train_labels.bincount(), torch.full((10,), 200))
+    assert data.train_images.float().std() > 30  # real pictures, not blanks
+
+
+def test_jpeg_tree_archive_and_cache_agree(tmp_path):
+    with tarfile.open(sample_archive()) as archive:
+        archive.extractall(tmp_path / "tree", filter="data")
+    from_tree = load_cifar10(tmp_path / "tree")
+    from_archive = load_cifar10(sample_archive())
+    again = load_cifar10(sample_archive())  # from the uint8 cache
+    for a, b in [(from_tree, from_archive), (from_archive, again)]:
+        assert torch.equal(a.train_images, b.train_images) and torch.equal(a.test_labels, b.test_labels)
+
+
+def test_torchvision_layout(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": list(range(4))}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    data = load_cifar10(tmp_path)
+    assert data.train_images.shape == (20, 3, 32, 32) and data.test_images.shape == (4, 3, 32, 32)
+    with open(folder / "test_batch", "rb") as f:
+        first = np.asarray(pickle.load(f)["data"][0]).reshape(3, 32, 32)
+    assert torch.equal(data.test_images[0], torch.from_numpy(first))
+
+
+def test_missing_data_says_what_was_looked_for(tmp_path):
+    with pytest.raises(FileNotFoundError, match="looked for torchvision's cifar-10-batches-py/.*JPEG tree"):
+        load_cifar10(tmp_path)
+
+
+def test_per_class_subset_is_seeded_and_balanced():
+    labels = load_cifar10().train_labels
+    a, b = per_class_subset(labels, 7, seed=3), per_class_subset(labels, 7, seed=3)
+    assert torch.equal(a, b) and not torch.equal(a, per_class_subset(labels, 7, seed=4))
+    assert torch.equal(labels[a].bincount(), torch.full((10,), 7))
+    with pytest.raises(ValueError, match="has only 200 images"):
+        per_class_subset(labels, 201, seed=0)
+
+
+def test_augment_translates_and_flips():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    out = augment(images, torch.Generator().manual_seed(0), shift=2)
+    assert out.shape == images.shape
+    for i in range(2):  # each output is a shifted (maybe mirrored) window of the zero-padded input
+        padded = torch.nn.functional.pad(images[i], (2, 2, 2, 2))
+        windows = [padded[:, r : r + 8, c : c + 8] for r in range(5) for c in range(5)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
+    again = augment(images, torch.Generator().manual_seed(0), shift=2)
+    assert torch.equal(out, again)
+
+
+def test_default_epochs_follow_the_small_data_protocol():
+    assert [default_epochs(n) for n in (None, 5000, 1024, 512, 103, 52)] == [100, 100, 100, 200, 500, 1000]
+
+
+def small_config(tmp_path, **kwargs):
+    base = dict(model="resnet-srf-blocks", images_per_class=10, epochs=3, batch_size=50, lr=0.05,
+                out=str(tmp_path / "run"), eval_batch_size=250, seed=1)
+    base.update(kwargs)
+    return TrainConfig(**base)
+
+
+def read_metrics(folder):
+    with open(folder / "metrics.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_short_run_lowers_the_loss_and_writes_outputs(tmp_path):
+    summary = train(small_config(tmp_path, epochs=4), progress=False, log=lambda *_: None)
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    assert summary["best_test_acc"] == max(m["test_acc"] for m in metrics)
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"best.pt", "last.pt", "metrics.jsonl", "summary.json"}
+    result = evaluate_checkpoint(str(tmp_path / "run" / "best.pt"))
+    assert result["test_acc"] == pytest.approx(summary["best_test_acc"])
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train(small_config(tmp_path, out=str(straight)), progress=False, log=lambda *_: None)
+
+    crashed = tmp_path / "crashed"
+    real_evaluate, calls = train_module._evaluate, []
+
+    def evaluate_then_crash(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash in epoch 2")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_evaluate", evaluate_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(tmp_path, out=str(crashed)), progress=False, log=lambda *_: None)
+    monkeypatch.setattr(train_module, "_evaluate", real_evaluate)
+    assert len(read_metrics(crashed)) == 1  # epoch 1 survived in the checkpoint
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train(small_config(tmp_path, out=str(crashed)), progress=False, log=lambda *_: None)
+    train(small_config(tmp_path, out=str(crashed), extra={"resume": True}), progress=False, log=lambda *_: None)
+
+    assert read_metrics(crashed) == [m | {"seconds": c["seconds"]} for m, c in zip(read_metrics(straight), read_metrics(crashed))]
+    a = torch.load(straight / "last.pt", weights_only=False)["model_state"]
+    b = torch.load(crashed / "last.pt", weights_only=False)["model_state"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    train(small_config(tmp_path, epochs=1), progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match="holds model 'resnet-srf-blocks', not 'resnet-blocks'"):
+        train(small_config(tmp_path, model="resnet-blocks", extra={"resume": True}), progress=False)
+
+
+def test_distributed_data_parallel_two_processes(tmp_path):
+    """torchrun, 2 CPU processes (gloo): the same run as one process, to float rounding."""
+    args = ["--model", "resnet-srf-blocks", "--images-per-class", "4", "--epochs", "1", "--batch-size", "20",
+            "--no-progress", "--seed", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dcn_fast",
+         "train", *args, "--out", str(tmp_path / "ddp")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 processes" in ddp.stdout
+    single = subprocess.run(
+        [sys.executable, "-m", "dcn_fast", "train", *args, "--out", str(tmp_path / "one")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    (m_ddp,), (m_one,) = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "one")
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        assert m_ddp[key] == pytest.approx(m_one[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--model", "dcn-fastest"], "unknown model 'dcn-fastest'; choose one of"),
+        (["train", "--data-root", "/nonexistent/cifar"], "no CIFAR-10 under /nonexistent/cifar: looked for"),
+        (["train", "--lr", "-1"], "--lr must be a finite number > 0"),
+        (["train", "--images-per-class", "6000"], "--images-per-class must be in 1..5000"),
+        (["eval", "--checkpoint", "/nonexistent.pt"], "checkpoint /nonexistent.pt does not exist"),
+    ],
+)
+def test_cli_errors_are_messages(argv, message, capsys, tmp_path):
+    argv = argv + (["--out", str(tmp_path / "x")] if argv[0] == "train" else [])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_eval_rejects_a_file_that_is_no_checkpoint(tmp_path, capsys):
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_text("not a checkpoint")
+    assert cli.main(["eval", "--checkpoint", str(bogus)]) == 2
+    assert "is not a readable dcn_fast checkpoint" in capsys.readouterr().err
+
+
+def test_cli_argparse_rejects_impossible_sizes(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--batch-size", "0"])
+    assert exc.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+def test_classes_match_folder_names():
+    assert CLASSES[0] == "airplane" and CLASSES[-1] == "truck" and len(CLASSES) == 10
