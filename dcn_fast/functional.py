@@ -13,7 +13,7 @@ from .basis import MAX_RADIUS, num_basis, srf_taps
 from .reference import srf_conv2d_reference
 from .separable import dense_srf_conv2d, separable_srf_conv2d
 
-__all__ = ["srf_conv2d", "BACKENDS", "check_options", "resolve_backend", "truncation_radius"]
+__all__ = ["srf_conv2d", "srf_taps_for", "BACKENDS", "check_options", "resolve_backend", "truncation_radius"]
 
 BACKENDS = ("auto", "reference", "separable", "cpu")
 
@@ -30,12 +30,47 @@ def _pair(value, name: str, minimum: int) -> tuple[int, int]:
     return items
 
 
-def truncation_radius(scale: torch.Tensor, truncate: float) -> int:
-    """Published radius ``ceil(truncate · σ + 0.5)`` of the largest σ (reads σ back to the host).
+def _radius_tensor(scale: torch.Tensor, truncate: float) -> torch.Tensor:
+    # Same tensor arithmetic as the taps' own truncation, so both agree at the edges.
+    return torch.ceil(truncate * (2.0 ** scale.detach()).max() + 0.5)
 
-    Same tensor arithmetic as the taps' own truncation, so both agree at the edges.
+
+def truncation_radius(scale: torch.Tensor, truncate: float) -> int:
+    """Published radius ``ceil(truncate · σ + 0.5)`` of the largest σ (reads σ back to the host)."""
+    return int(_radius_tensor(scale, truncate).item())
+
+
+def _checked_radius(scale: torch.Tensor, truncate: float, kernel_size: int | None) -> int:
+    """Tap radius for ``scale``, after checking it is finite and within the cap: one host read."""
+    s = scale.detach()
+    low, high, radius = torch.stack([s.min(), s.max(), _radius_tensor(s, truncate).to(s.dtype)]).tolist()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("scale (log2 σ) must be finite, got NaN or inf")
+    if kernel_size is not None:
+        return kernel_size // 2
+    if radius > MAX_RADIUS:
+        limit = math.log2((MAX_RADIUS - 0.5) / truncate)
+        raise ValueError(
+            f"scale too large: σ = {2.0 ** high:.4g} with truncate={truncate} gives a kernel of "
+            f"{2 * int(radius) + 1} taps; the cap is {2 * MAX_RADIUS + 1} (scale <= {limit:.3f})"
+        )
+    return int(radius)
+
+
+def srf_taps_for(
+    scale: torch.Tensor, *, order: int = 2, truncate: float = 2.0, kernel_size: int | None = None
+) -> torch.Tensor:
+    """The 1-D taps ``[*scale.shape, order+1, K]`` that :func:`srf_conv2d` would build for ``scale``.
+
+    Pass them as ``srf_conv2d(..., taps=taps)`` to share them between calls with
+    the same scale (e.g. every evaluation of one ODE solve): the call then
+    neither rebuilds them nor reads σ back to the host. Differentiable in ``scale``.
     """
-    return int(torch.ceil(truncate * (2.0 ** scale.detach()).max() + 0.5).item())
+    check_options(order=order, truncate=truncate, stride=1, padding="same", groups=1, kernel_size=kernel_size)
+    if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
+        raise TypeError(f"scale must be a floating-point torch.Tensor, got {type(scale).__name__}")
+    radius = _checked_radius(scale, truncate, kernel_size)
+    return srf_taps(scale, order, radius, truncate if kernel_size is None else None)
 
 
 @dataclass(frozen=True)
@@ -72,7 +107,7 @@ def check_options(
     return stride, padding
 
 
-def _validate(input, scale, alpha, order, truncate, stride, padding, groups, bias, kernel_size) -> _Spec:
+def _validate(input, scale, alpha, order, truncate, stride, padding, groups, bias, kernel_size, taps) -> _Spec:
     stride, padding = check_options(
         order=order, truncate=truncate, stride=stride, padding=padding, groups=groups, kernel_size=kernel_size
     )
@@ -112,20 +147,17 @@ def _validate(input, scale, alpha, order, truncate, stride, padding, groups, bia
             f"scale must have shape [1] (one σ per layer), [C_out] = [{c_out}] or "
             f"[C_out, C_in/groups] = [{c_out}, {c_in // groups}], got {tuple(scale.shape)}"
         )
-    if not bool(torch.isfinite(scale).all()):
-        raise ValueError("scale (log2 σ) must be finite, got NaN or inf")
-
-    if kernel_size is not None:
-        radius = kernel_size // 2
+    if sharing == "pair" and kernel_size is None:
+        raise ValueError("one σ per (output, input) pair needs a fixed kernel_size (published σ^ji: 7)")
+    if taps is None:
+        radius = _checked_radius(scale, truncate, kernel_size)
     else:
-        if sharing == "pair":
-            raise ValueError("one σ per (output, input) pair needs a fixed kernel_size (published σ^ji: 7)")
-        radius = truncation_radius(scale, truncate)
-        if radius > MAX_RADIUS:
-            limit = math.log2((MAX_RADIUS - 0.5) / truncate)
+        radius = taps.shape[-1] // 2
+        expected = (*scale.shape, order + 1, 2 * radius + 1)
+        if not isinstance(taps, torch.Tensor) or tuple(taps.shape) != expected or taps.shape[-1] % 2 == 0:
             raise ValueError(
-                f"scale too large: σ = {float(2.0 ** scale.detach().max()):.4g} with truncate={truncate} gives a "
-                f"kernel of {2 * radius + 1} taps; the cap is {2 * MAX_RADIUS + 1} (scale <= {limit:.3f})"
+                f"taps must come from srf_taps_for(scale, ...) with this scale and order: expected shape "
+                f"{expected}, got {tuple(getattr(taps, 'shape', ()))}"
             )
 
     pad = {"same": (radius, radius), "valid": (0, 0)}[padding] if isinstance(padding, str) else padding
@@ -170,6 +202,7 @@ def srf_conv2d(
     bias: torch.Tensor | None = None,
     kernel_size: int | None = None,
     backend: str = "auto",
+    taps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Structured-receptive-field convolution (Gaussian-derivative N-jet basis).
 
@@ -192,6 +225,8 @@ def srf_conv2d(
         bias: optional ``[C_out]``.
         kernel_size: fixed odd K instead of the σ-dependent one (no truncation).
         backend: ``"auto"``, ``"reference"``, ``"separable"`` or ``"cpu"``.
+        taps: optional taps from :func:`srf_taps_for` for this ``scale`` (and
+            the same order, truncate, kernel_size), to reuse them across calls.
 
     Returns:
         ``[B, C_out, Ho, Wo]`` with ``Ho = (H + 2 pH - K) // sH + 1``.
@@ -202,7 +237,7 @@ def srf_conv2d(
         >>> srf_conv2d(x, torch.zeros(1), alpha).shape
         torch.Size([2, 8, 16, 16])
     """
-    spec = _validate(input, scale, alpha, order, truncate, stride, padding, groups, bias, kernel_size)
+    spec = _validate(input, scale, alpha, order, truncate, stride, padding, groups, bias, kernel_size, taps)
     name = resolve_backend(backend, input)
     if name == "reference":
         return srf_conv2d_reference(
@@ -210,7 +245,9 @@ def srf_conv2d(
         )
     dtype = torch.promote_types(input.dtype, alpha.dtype)
     input, alpha = input.to(dtype), alpha.to(dtype)
-    taps = srf_taps(scale.to(dtype), order, spec.radius, truncate if kernel_size is None else None)
+    if taps is None:
+        taps = srf_taps(scale.to(dtype), order, spec.radius, truncate if kernel_size is None else None)
+    taps = taps.to(dtype)
     if spec.sharing != "layer":
         taps = taps.reshape(alpha.shape[2], -1, *taps.shape[-2:])
         out = dense_srf_conv2d(input, taps, alpha, order, spec.stride, spec.padding, groups)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .basis import num_basis
-from .functional import srf_conv2d
+from .functional import srf_conv2d, srf_taps_for
 from .modules import SRFConv2d
 
 __all__ = ["TimeConv", "ODEFunc", "ODEBlock", "META_KINDS"]
@@ -71,9 +71,14 @@ class TimeConv(nn.Module):
     def time_dependent(self) -> bool:
         return self.kind in META_KINDS
 
-    def begin_solve(self, cache: bool) -> None:
-        """Start of a solve: keep M for its duration if the weights stay fixed during it."""
-        self._cache = {} if cache and not self.time_dependent else None
+    def begin_solve(self) -> None:
+        """Start of a solve: its evaluations share the taps and M while the weights stay fixed.
+
+        Only within one solve: a graph-carrying M must not outlive the backward
+        pass that consumes it. (The adjoint's backward solve evaluates f
+        outside this scope and rebuilds them per evaluation.)
+        """
+        self._cache = None if self.time_dependent else {}
 
     def end_solve(self) -> None:
         self._cache = None
@@ -88,28 +93,37 @@ class TimeConv(nn.Module):
         alpha = self.alpha + self.alpha_slope * s if self.kind == "sigma_alpha_t" else self.alpha
         return scale.reshape(1), alpha
 
-    def _conv(self, x: torch.Tensor, part: slice, scale=None, alpha=None) -> torch.Tensor:
+    def _weights(self, t: torch.Tensor):
+        """(scale, alpha, taps, kernel_size) of the SRF kinds at time t."""
+        if self.time_dependent:
+            scale, alpha = self._meta(t)
+            kernel_size = None
+        else:
+            scale, alpha, kernel_size = self.layer.scale, self.layer.alpha, self.layer.fixed_kernel_size
+        return scale, alpha, srf_taps_for(scale, kernel_size=kernel_size), kernel_size
+
+    def _conv(self, x: torch.Tensor, part: slice, weights) -> torch.Tensor:
         """The convolution restricted to input channels ``part`` (0 = time, 1: = x)."""
         if self.kind == "conv":
             bias = self.layer.bias if part.start == 1 else None
             return F.conv2d(x, self.layer.weight[:, part], bias, padding=1)
-        if self.kind in ("srf", "srf_pair"):
-            layer = self.layer
-            scale = layer.scale if layer.scale_sharing == "layer" else layer.scale[:, part]
-            return srf_conv2d(
-                x, scale, layer.alpha[:, part], kernel_size=layer.fixed_kernel_size, backend=self.backend
-            )
-        return srf_conv2d(x, scale, alpha[:, part], backend=self.backend)
+        scale, alpha, taps, kernel_size = weights
+        if scale.dim() == 2:  # σ^ji: the pairs of these input channels
+            scale, taps = scale[:, part], taps[:, part]
+        return srf_conv2d(x, scale, alpha[:, part], kernel_size=kernel_size, backend=self.backend, taps=taps)
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        scale = alpha = None
-        if self.time_dependent:
-            scale, alpha = self._meta(t)
-        out = self._conv(x, slice(1, None), scale, alpha)
+        cache = self._cache if self._cache is not None else {}
+        weights = None
+        if self.kind != "conv":
+            weights = cache.get("weights") or self._weights(t)
+            if self._cache is not None:
+                self._cache["weights"] = weights
+        out = self._conv(x, slice(1, None), weights)
         key = tuple(x.shape[-2:])
-        m = self._cache.get(key) if self._cache is not None else None
+        m = cache.get(key)
         if m is None:
-            m = self._conv(x.new_ones(1, 1, *key), slice(0, 1), scale, alpha)
+            m = self._conv(x.new_ones(1, 1, *key), slice(0, 1), weights)
             if self._cache is not None:
                 self._cache[key] = m
         return out + t.to(out.dtype) * m
@@ -195,10 +209,8 @@ class ODEBlock(nn.Module):
 
         t = torch.tensor([0.0, self.T], dtype=x.dtype, device=x.device)
         start = self.func.nfe
-        # M maps are reused across the evaluations of one solve only when the
-        # gradient flows through the forward graph; the adjoint re-evaluates f.
         for conv in self._time_convs():
-            conv.begin_solve(cache=not self.adjoint)
+            conv.begin_solve()
         try:
             if self.adjoint:
                 kwargs = {"adjoint_options": self.adjoint_options} if self.adjoint_options else {}
