@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: dict[tuple, dict[str, float]] = defaultdict(dict)
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
-        rows[(info["layer"], info["sigma"])][info["backend"]] = bench["stats"]["median"] * 1e3
+        key = (info["layer"], info["sigma"], info.get("passes", "forward+backward"))
+        rows[key][info["backend"]] = bench["stats"]["median"] * 1e3
     machine = data["machine_info"]
     backends = sorted({b for r in rows.values() for b in r}, key=lambda b: (b != "reference", b))
     print(
@@ -28,11 +29,11 @@ def main(argv: list[str] | None = None) -> None:
         f"commit {machine.get('commit')}, {data.get('datetime', '')[:10]}\n"
     )
     others = [b for b in backends if b != "reference"]
-    header = ["layer", "σ"] + [f"{b} ms" for b in backends] + [f"ref/{b}" for b in others]
+    header = ["layer", "σ", "pass"] + [f"{b} ms" for b in backends] + [f"ref/{b}" for b in others]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for (layer, sigma), times in sorted(rows.items()):
-        cells = [layer, f"{sigma:g}"] + [f"{times[b]:.1f}" if b in times else "–" for b in backends]
+    for (layer, sigma, passes), times in sorted(rows.items()):
+        cells = [layer, f"{sigma:g}", passes] + [f"{times[b]:.2f}" if b in times else "–" for b in backends]
         cells += [f"{times['reference'] / times[b]:.1f}×" if b in times and "reference" in times else "–" for b in others]
         print("| " + " | ".join(cells) + " |")
 

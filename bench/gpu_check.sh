@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One GPU call: versions, GPU tests, then the GPU benchmarks; JSON and logs in $OUT.
+#   run (device tool): bash bench/gpu_check.sh      (about 5-8 minutes on an H100)
+# The GPU machine has torch, torchdiffeq, pytest and pytest-benchmark but no
+# network: the package is used from the checkout (PYTHONPATH), not installed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results/gpu}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+status=0
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+  git rev-parse --short HEAD 2>/dev/null || true
+} > "$OUT/versions.txt" 2>&1
+
+timeout 150 python -m pytest -q tests/test_gpu.py tests/test_srf_conv2d.py -x > "$OUT/tests.log" 2>&1 || status=1
+tail -3 "$OUT/tests.log"
+if [ "$status" -ne 0 ]; then
+  echo "GPU tests failed: no benchmark numbers reported (see $OUT/tests.log)"
+  exit 1
+fi
+
+timeout 240 python -m pytest bench/test_layer_gpu.py --benchmark-only -q -k "both or forward" \
+  --benchmark-json "$OUT/layer-gpu.json" > "$OUT/layer-gpu.log" 2>&1 || status=1
+python bench/report.py "$OUT/layer-gpu.json" > "$OUT/layer-gpu.md" 2>&1 || true
+timeout 150 python -m pytest bench/test_model_step.py --benchmark-only -q -p no:cacheprovider --rootdir bench \
+  -k "dcn-ode or odenet" --benchmark-json "$OUT/models-gpu.json" > "$OUT/models-gpu.log" 2>&1 || status=1
+python bench/report_models.py "$OUT/models-gpu.json" > "$OUT/models-gpu.md" 2>&1 || true
+cat "$OUT"/*.md
+exit $status

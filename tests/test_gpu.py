@@ -1,0 +1,58 @@
+"""GPU checks of the backends that run there (skipped without CUDA; run bench/gpu_check.sh on a GPU machine)."""
+
+import pytest
+import torch
+
+from dcn_fast import srf_conv2d
+from dcn_fast.functional import srf_taps_for
+from dcn_fast.models import build
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (verified by bench/gpu_check.sh)")
+
+DEV = torch.device("cuda")
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-3), (torch.bfloat16, 3e-2),
+                                        (torch.float16, 5e-3)])
+@pytest.mark.parametrize("stride, sigma_scale", [(1, 0.0), (2, 1.0), (1, -1.0)])
+def test_separable_on_cuda_matches_float64_reference(dtype, tol, stride, sigma_scale):
+    torch.manual_seed(0)
+    x = torch.randn(16, 33, 30, 30, dtype=torch.float64)
+    a = 0.1 * torch.randn(6, 33, 32, dtype=torch.float64)
+    s = torch.tensor([sigma_scale], dtype=torch.float64)
+    want = srf_conv2d(x, s, a, stride=stride, backend="reference")
+    wide = [t.to(DEV).requires_grad_() for t in (x, s, a)]
+    if dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cuda", dtype=dtype):
+            got = srf_conv2d(*wide, stride=stride, backend="separable")
+    else:
+        got = srf_conv2d(*[t.to(dtype) for t in wide], stride=stride, backend="separable")
+    assert rel_err(got.cpu(), want) < tol
+    got.float().square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in wide)
+
+
+def test_precomputed_taps_need_no_host_sync_in_the_call():
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 12, 12, device=DEV)
+    a = torch.randn(6, 5, 4, device=DEV)
+    s = torch.zeros(1, device=DEV)
+    taps = srf_taps_for(s)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        srf_conv2d(x, s, a, taps=taps, backend="separable")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_dcn_ode_step_on_cuda():
+    torch.manual_seed(0)
+    model = build("dcn-ode").to(DEV)
+    x = torch.randn(8, 3, 32, 32, device=DEV)
+    loss = model(x).logsumexp(1).mean()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
