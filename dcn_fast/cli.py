@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from typing import Callable, Sequence
@@ -100,10 +101,11 @@ def run_train(args: argparse.Namespace) -> int:
         rtol=args.rtol,
         atol=args.atol,
         backend=args.backend,
-        extra={"resume": args.resume, "download": args.download},
+        resume=args.resume,
+        download=args.download,
     )
     summary = train(config, progress=not args.no_progress)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(
             f"best test accuracy {summary['best_test_acc']:.4f} (epoch {summary['best_epoch']}); "
             f"outputs in {summary['out']} (metrics.jsonl, summary.json, best.pt, last.pt)"

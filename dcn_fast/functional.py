@@ -176,16 +176,22 @@ def _validate(input, scale, alpha, order, truncate, stride, padding, groups, bia
 def resolve_backend(backend: str, input: torch.Tensor) -> str:
     """The backend that runs for ``backend`` on ``input``'s device.
 
-    ``auto`` picks ``cpu`` (the C++ kernel) for CPU tensors when it is built,
-    else ``separable``. An explicit ``cpu`` without the built kernel falls back
+    ``auto`` picks ``cpu`` (the C++ kernel) for float32/float64 CPU tensors when
+    it is built, else ``separable``. An explicit ``cpu`` without the built kernel falls back
     to ``separable`` with one warning.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     if backend == "cpu" and input.device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got input on {input.device}")
+    # The C++ kernel computes in float32 and float64; lower precisions (autocast,
+    # bf16 models) take the separable path, whose convolutions support them.
+    full_precision = input.dtype in (torch.float32, torch.float64)
     if backend == "auto":
-        return "cpu" if input.device.type == "cpu" and ops.cpu_kernel_available() else "separable"
+        cpu = input.device.type == "cpu" and full_precision and ops.cpu_kernel_available()
+        return "cpu" if cpu else "separable"
+    if backend == "cpu" and not full_precision:
+        raise ValueError(f"backend='cpu' computes in float32 or float64, got input of dtype {input.dtype}")
     if backend == "cpu" and not ops.cpu_kernel_available(warn=True):
         return "separable"
     return backend

@@ -20,7 +20,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -57,7 +57,8 @@ class TrainConfig:
     atol: float = 1e-3
     backend: str = "auto"
     eval_batch_size: int = 500
-    extra: dict = field(default_factory=dict)
+    resume: bool = False  # continue from out/last.pt
+    download: bool = False  # fetch CIFAR-10 into data_root (torchvision) if absent
 
     def validate(self) -> None:
         if self.model not in MODELS:
@@ -196,7 +197,7 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
 def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
     """Train ``config.model``; returns the summary (also written to ``out/summary.json``).
 
-    With ``config.extra["resume"]`` true, continues from ``out/last.pt``.
+    With ``config.resume``, continues from ``out/last.pt``.
     """
     config.validate()
     from tqdm.auto import tqdm
@@ -205,14 +206,14 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
     ranks = _Distributed(device)
     try:
         out = Path(config.out)
-        resume = bool(config.extra.get("resume"))
+        resume = config.resume
         ckpt = _load_checkpoint(out / "last.pt", config.model) if resume else None
         if not resume and (out / "last.pt").exists():
             raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         if ranks.main:
             out.mkdir(parents=True, exist_ok=True)
 
-        data: CIFAR10 = load_cifar10(config.data_root, download=bool(config.extra.get("download")))
+        data: CIFAR10 = load_cifar10(config.data_root, download=config.download)
         train_images, train_labels = data.train_images, data.train_labels
         if config.images_per_class is not None:
             idx = per_class_subset(train_labels, config.images_per_class, config.seed)

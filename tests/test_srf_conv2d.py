@@ -273,3 +273,14 @@ def test_precomputed_taps(backend_name):
         srf_conv2d(x, s, a, taps=taps[:, :2], backend=backend_name)  # order 1 taps, order 2 call
     with pytest.raises(ValueError, match="scale .* must be finite"):
         srf_taps_for(torch.tensor([float("-inf")]))
+
+
+def test_low_precision_input_on_cpu():
+    """bf16 (e.g. a model under autocast) runs through separable; the C++ kernel refuses it clearly."""
+    x = torch.randn(1, 3, 8, 8).bfloat16()
+    s, a = torch.zeros(1), torch.randn(6, 3, 4).bfloat16()
+    out = srf_conv2d(x, s, a)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out.float(), srf_conv2d(x.float(), s, a.float(), backend="reference")) < 2e-2
+    with pytest.raises(ValueError, match="backend='cpu' computes in float32 or float64"):
+        srf_conv2d(x, s, a, backend="cpu")

@@ -128,7 +128,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, monkeyp
     assert len(read_metrics(crashed)) == 1  # epoch 1 survived in the checkpoint
     with pytest.raises(FileExistsError, match="pass --resume"):
         train(small_config(tmp_path, out=str(crashed)), progress=False, log=lambda *_: None)
-    train(small_config(tmp_path, out=str(crashed), extra={"resume": True}), progress=False, log=lambda *_: None)
+    train(small_config(tmp_path, out=str(crashed), resume=True), progress=False, log=lambda *_: None)
 
     assert read_metrics(crashed) == [m | {"seconds": c["seconds"]} for m, c in zip(read_metrics(straight), read_metrics(crashed))]
     a = torch.load(straight / "last.pt", weights_only=False)["model_state"]
@@ -139,7 +139,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, monkeyp
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     train(small_config(tmp_path, epochs=1), progress=False, log=lambda *_: None)
     with pytest.raises(ValueError, match="holds model 'resnet-srf-blocks', not 'resnet-blocks'"):
-        train(small_config(tmp_path, model="resnet-blocks", extra={"resume": True}), progress=False)
+        train(small_config(tmp_path, model="resnet-blocks", resume=True), progress=False)
 
 
 def test_distributed_data_parallel_two_processes(tmp_path):
