@@ -15,9 +15,10 @@ setup(
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["dcn_fast", "dcn_fast.data", "dcn_fast.csrc"],
-    # The C++ sources ship inside the package so an installed wheel can build them too.
-    package_dir={"dcn_fast.csrc": "csrc"},
+    packages=["dcn_fast", "dcn_fast.data", "dcn_fast.csrc", "dcn_fast.kernels"],
+    # The C++ sources ship inside the package so an installed wheel can build them
+    # too; the Triton kernels (kernels/) import as dcn_fast.kernels.
+    package_dir={"dcn_fast.csrc": "csrc", "dcn_fast.kernels": "kernels"},
     package_data={"dcn_fast.csrc": ["*.cpp", "cpu/*.cpp"], "dcn_fast.data": ["cifar10-sample.tar.xz"]},
     install_requires=["torch>=2.6,<3", "torchdiffeq>=0.2.3", "ninja", "numpy", "pillow", "tqdm"],
     extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Union
 
@@ -15,7 +16,7 @@ from .separable import dense_srf_conv2d, separable_srf_conv2d
 
 __all__ = ["srf_conv2d", "srf_taps_for", "BACKENDS", "check_options", "resolve_backend", "truncation_radius"]
 
-BACKENDS = ("auto", "reference", "separable", "cpu")
+BACKENDS = ("auto", "reference", "separable", "cpu", "triton")
 
 IntPair = Union[int, tuple[int, int]]
 Padding = Union[str, int, tuple[int, int]]
@@ -177,7 +178,8 @@ def resolve_backend(backend: str, input: torch.Tensor) -> str:
     """The backend that runs for ``backend`` on ``input``'s device.
 
     ``auto`` picks ``cpu`` (the C++ kernel) for float32/float64 CPU tensors when
-    it is built, else ``separable``. An explicit ``cpu`` without the built kernel falls back
+    it is built, else ``separable`` (also on CUDA: the ``triton`` backend is
+    chosen explicitly until it has been measured against it on a GPU). An explicit ``cpu`` without the built kernel falls back
     to ``separable`` with one warning.
     """
     if backend not in BACKENDS:
@@ -190,11 +192,26 @@ def resolve_backend(backend: str, input: torch.Tensor) -> str:
     if backend == "auto":
         cpu = input.device.type == "cpu" and full_precision and ops.cpu_kernel_available()
         return "cpu" if cpu else "separable"
+    if backend == "triton":
+        if input.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for Triton's CPU interpreter), "
+                f"got input on {input.device}"
+            )
+        return backend
     if backend == "cpu" and not full_precision:
         raise ValueError(f"backend='cpu' computes in float32 or float64, got input of dtype {input.dtype}")
     if backend == "cpu" and not ops.cpu_kernel_available(warn=True):
         return "separable"
     return backend
+
+
+def _triton_backend(input, taps, alpha, order, stride, padding, groups):
+    try:
+        from .kernels.srf_conv2d import srf_conv2d_triton
+    except ImportError as exc:  # triton missing or broken
+        raise ValueError(f"backend='triton' needs Triton ({type(exc).__name__}: {exc})") from exc
+    return srf_conv2d_triton(input, taps, alpha, order, stride, padding, groups)
 
 
 def srf_conv2d(
@@ -232,7 +249,7 @@ def srf_conv2d(
         groups: as in ``nn.Conv2d``; must divide C_in and C_out.
         bias: optional ``[C_out]``.
         kernel_size: fixed odd K instead of the σ-dependent one (no truncation).
-        backend: ``"auto"``, ``"reference"``, ``"separable"`` or ``"cpu"``.
+        backend: ``"auto"``, ``"reference"``, ``"separable"``, ``"cpu"`` or ``"triton"``.
         taps: optional taps from :func:`srf_taps_for` for this ``scale`` (and
             the same order, truncate, kernel_size), to reuse them across calls.
 
@@ -261,7 +278,7 @@ def srf_conv2d(
         out = dense_srf_conv2d(input, taps, alpha, order, spec.stride, spec.padding, groups)
     else:
         taps = taps.reshape(taps.shape[-2:])
-        run = ops.srf_conv2d if name == "cpu" else separable_srf_conv2d
+        run = {"cpu": ops.srf_conv2d, "separable": separable_srf_conv2d, "triton": _triton_backend}[name]
         out = run(input, taps, alpha, order, spec.stride, spec.padding, groups)
     if bias is not None:
         out = out + bias.to(out.dtype).reshape(1, -1, 1, 1)

@@ -242,7 +242,7 @@ A = torch.randn(6, 3, 4)
         (dict(kernel_size=4), ValueError, "kernel_size must be None or an odd int"),
         (dict(kernel_size=131), ValueError, "kernel_size must be <= 129"),
         (dict(padding="valid", scale=torch.tensor([1.5])), ValueError, "smaller than the 15x15 kernel"),
-        (dict(backend="cuda"), ValueError, "backend must be one of 'auto', 'reference', 'separable', 'cpu'"),
+        (dict(backend="cuda"), ValueError, "backend must be one of 'auto', 'reference', 'separable', 'cpu', 'triton'"),
     ],
 )
 def test_errors(kwargs, error, match):

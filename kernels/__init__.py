@@ -1,0 +1,1 @@
+"""Triton kernels of dcn_fast, importable as ``dcn_fast.kernels``."""

@@ -1,0 +1,76 @@
+"""The Triton backend: on a GPU when there is one, else under Triton's CPU interpreter (tiny shapes)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before the kernels are decorated (dcn_fast.kernels is imported lazily).
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton", reason="the triton backend needs the triton package")
+
+from dcn_fast import srf_conv2d  # noqa: E402
+from dcn_fast.basis import num_basis  # noqa: E402
+from dcn_fast.functional import srf_taps_for  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (batch, c_in, c_out, height, width, order, scale, stride, padding)
+CASES = [
+    (2, 3, 5, 7, 9, 2, 0.0, 1, "same"),
+    (1, 4, 3, 11, 10, 1, 0.5, 2, "valid"),
+    (2, 2, 4, 6, 7, 3, -0.8, (2, 1), "same"),
+    (1, 17, 18, 5, 5, 2, -1.5, 1, 1),  # more channels than one block (16)
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_and_gradients_match_float64_reference(case):
+    batch, c_in, c_out, h, w, order, scale, stride, padding = case
+    x = torch.randn(batch, c_in, h, w, device=DEVICE, requires_grad=True)
+    s = torch.tensor([scale], device=DEVICE, requires_grad=True)
+    a = torch.randn(num_basis(order), c_in, c_out, device=DEVICE, requires_grad=True)
+    kwargs = dict(order=order, stride=stride, padding=padding)
+    out = srf_conv2d(x, s, a, backend="triton", **kwargs)
+    wide = [t.detach().double().requires_grad_() for t in (x, s, a)]
+    want = srf_conv2d(*wide, backend="reference", **kwargs)
+    assert out.shape == want.shape and out.dtype == torch.float32
+
+    def rel(p, q):
+        return float((p.detach().double() - q.detach()).abs().max() / q.detach().abs().max())
+
+    assert rel(out, want) < 1e-4  # float32 GEMMs in IEEE precision (TF32 only when torch allows it)
+    grad = torch.randn_like(want)
+    got = torch.autograd.grad(out, (x, s, a), grad.float())
+    expected = torch.autograd.grad(want, wide, grad)
+    for name, g, e in zip(("input", "scale", "alpha"), got, expected):
+        assert rel(g, e) < 1e-4, name
+
+
+def test_gradient_of_alpha_only():
+    x = torch.randn(1, 3, 6, 6, device=DEVICE)
+    s = torch.zeros(1, device=DEVICE)
+    a = torch.randn(6, 3, 4, device=DEVICE, requires_grad=True)
+    (g,) = torch.autograd.grad(srf_conv2d(x, s, a, backend="triton").sum(), a)
+    (e,) = torch.autograd.grad(srf_conv2d(x, s, a, backend="reference").sum(), a)
+    torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_precomputed_taps_and_refusals():
+    x = torch.randn(1, 4, 6, 6, device=DEVICE)
+    s = torch.zeros(1, device=DEVICE)
+    taps = srf_taps_for(s)
+    out = srf_conv2d(x, s, torch.randn(6, 4, 3, device=DEVICE), backend="triton", taps=taps)
+    assert out.shape == (1, 3, 6, 6)
+    with pytest.raises(ValueError, match="triton backend does not take this call: groups != 1"):
+        srf_conv2d(x, s, torch.randn(6, 2, 4, device=DEVICE), groups=2, backend="triton")
+    with pytest.raises(ValueError, match="triton backend does not take this call: dtype torch.float64"):
+        srf_conv2d(x.double(), s.double(), torch.randn(6, 4, 3, device=DEVICE).double(), backend="triton")
+
+
+def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        srf_conv2d(torch.randn(1, 2, 5, 5), torch.zeros(1), torch.randn(6, 2, 2), backend="triton")
