@@ -16,7 +16,7 @@ status=0
   git rev-parse --short HEAD 2>/dev/null || true
 } > "$OUT/versions.txt" 2>&1
 
-timeout 150 python -m pytest -q tests/test_gpu.py tests/test_srf_conv2d.py -x > "$OUT/tests.log" 2>&1 || status=1
+timeout 150 python -m pytest -q tests/test_gpu.py tests/test_triton.py tests/test_srf_conv2d.py -x > "$OUT/tests.log" 2>&1 || status=1
 tail -3 "$OUT/tests.log"
 if [ "$status" -ne 0 ]; then
   echo "GPU tests failed: no benchmark numbers reported (see $OUT/tests.log)"

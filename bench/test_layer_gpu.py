@@ -2,7 +2,7 @@
 
     pytest bench/test_layer_gpu.py --benchmark-only --benchmark-json $OUT/layer-gpu.json
 
-Cases: published-style ``reference``, ``separable``, and cuDNN with fixed
+Cases: published-style ``reference``, ``separable``, ``triton``, and cuDNN with fixed
 weights (3x3 and the same KxK); forward, backward and both. Timing is
 synchronised (pytest-benchmark around ``torch.cuda.synchronize``); peak memory
 goes to ``extra_info``. Every SRF case is first checked against the float64
@@ -23,12 +23,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 BATCH = 128
 SIGMAS = (0.5, 1.0, 2.0, 4.0)
-KINDS = ("reference", "separable", "cudnn3x3", "cudnnKxK")
+KINDS = ("reference", "separable", "triton", "cudnn3x3", "cudnnKxK")
 PASSES = ("forward", "backward", "both")
 
 
 def _run(kind, x, scale, alpha, weight3, weightk, radius):
-    if kind in ("reference", "separable"):
+    if kind in ("reference", "separable", "triton"):
         return srf_conv2d(x, scale, alpha, backend=kind)
     if kind == "cudnn3x3":
         return F.conv2d(x, weight3, padding=1)
@@ -50,12 +50,12 @@ def test_layer_gpu(benchmark, layer, sigma, kind, passes):
     weight3 = torch.randn(layer.out_channels, layer.in_channels, 3, 3, device=dev, requires_grad=True)
     weightk = torch.randn(layer.out_channels, layer.in_channels, k, k, device=dev, requires_grad=True)
     grad = torch.randn(BATCH, layer.out_channels, layer.size, layer.size, device=dev)
-    inputs = (x, scale, alpha) if kind in ("reference", "separable") else (x, weight3 if kind == "cudnn3x3" else weightk)
+    inputs = (x, scale, alpha) if kind in ("reference", "separable", "triton") else (x, weight3 if kind == "cudnn3x3" else weightk)
 
-    if kind == "separable":
+    if kind in ("separable", "triton"):
         wide = [t.detach().double().requires_grad_() for t in (x, scale, alpha)]
         want = srf_conv2d(*wide, backend="reference")
-        got = srf_conv2d(x, scale, alpha, backend="separable")
+        got = srf_conv2d(x, scale, alpha, backend=kind)
         assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-3  # TF32 allowed
 
     def forward():

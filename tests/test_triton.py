@@ -74,3 +74,27 @@ def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         srf_conv2d(torch.randn(1, 2, 5, 5), torch.zeros(1), torch.randn(6, 2, 2), backend="triton")
+
+
+def test_every_output_element_is_written(monkeypatch):
+    """Outputs and gradient buffers start as NaN: an element a kernel skips would show."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: real_empty_like(*a, **k).fill_(float("nan")))
+    x = torch.randn(2, 3, 7, 6, device=DEVICE, requires_grad=True)
+    s = torch.tensor([0.2], device=DEVICE, requires_grad=True)
+    a = torch.randn(6, 3, 5, device=DEVICE, requires_grad=True)
+    out = srf_conv2d(x, s, a, backend="triton", stride=2)
+    grads = torch.autograd.grad(out.square().sum(), (x, s, a))
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_scale_changing_between_calls():
+    """A new σ means new taps and another K: no state is kept between calls."""
+    x = torch.randn(1, 3, 9, 9, device=DEVICE)
+    a = torch.randn(6, 3, 4, device=DEVICE)
+    for scale in (0.0, 1.2, -0.7):
+        s = torch.tensor([scale], device=DEVICE)
+        torch.testing.assert_close(
+            srf_conv2d(x, s, a, backend="triton"), srf_conv2d(x, s, a, backend="reference"), rtol=1e-4, atol=1e-5
+        )
