@@ -47,4 +47,4 @@ def test_layer_forward_backward(benchmark, layer, sigma, backend):
 
     benchmark.group = f"{layer.name} sigma={sigma:g}"
     benchmark.extra_info.update(layer=layer.name, sigma=sigma, backend=backend, batch=BATCH)
-    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=11, warmup_rounds=1)
