@@ -98,6 +98,7 @@ def run_train(args: argparse.Namespace) -> int:
         amp=args.amp,
         device=args.device,
         adjoint=args.adjoint,
+        seminorm=args.seminorm,
         rtol=args.rtol,
         atol=args.atol,
         backend=args.backend,
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     train.add_argument("--no-adjoint", dest="adjoint", action="store_false",
                        help="backpropagate through the solver instead of solving the adjoint ODE")
+    train.add_argument("--seminorm", action="store_true",
+                       help="adjoint with torchdiffeq's seminorm: step control ignores the parameter adjoints")
     train.add_argument("--rtol", type=float, default=1e-3, help="solver relative tolerance (default: 1e-3)")
     train.add_argument("--atol", type=float, default=1e-3, help="solver absolute tolerance (default: 1e-3)")
     train.add_argument("--backend", default="auto", choices=[b for b in BACKENDS], help="SRF backend")

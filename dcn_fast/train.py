@@ -53,6 +53,7 @@ class TrainConfig:
     amp: str | None = None
     device: str | None = None
     adjoint: bool = True
+    seminorm: bool = False  # adjoint step control on the state only (fewer backward steps)
     rtol: float = 1e-3
     atol: float = 1e-3
     backend: str = "auto"
@@ -139,7 +140,14 @@ def _autocast(config: TrainConfig, device: torch.device):
 
 def _build_model(config: TrainConfig) -> torch.nn.Module:
     torch.manual_seed(config.seed)
-    return build(config.model, backend=config.backend, rtol=config.rtol, atol=config.atol, adjoint=config.adjoint)
+    return build(
+        config.model,
+        backend=config.backend,
+        rtol=config.rtol,
+        atol=config.atol,
+        adjoint=config.adjoint,
+        adjoint_options={"norm": "seminorm"} if config.seminorm else None,
+    )
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
