@@ -150,12 +150,15 @@ inline void lane_sum(scalar_t* __restrict__ dst, int64_t dst_row, bool accumulat
   }
   for (int64_t q = 0; q < R; ++q) {
     scalar_t* out = dst + q * dst_row;
-    if (accumulate) {
-      scalar_t old[kLane<scalar_t>] = {};
-      std::copy(out, out + store, old);
-      acc[q] += load_lane(old);
+    if (store == kLane<scalar_t>) {  // whole lane: one vector store (a constant-size copy)
+      Lane<scalar_t> sum = acc[q];
+      if (accumulate) sum += load_lane(out);
+      std::memcpy(out, &sum, sizeof sum);
+    } else {  // the last, partial lane of a compact row
+      scalar_t part[kLane<scalar_t>];
+      std::memcpy(part, &acc[q], sizeof part);
+      for (int64_t v = 0; v < store; ++v) out[v] = accumulate ? out[v] + part[v] : part[v];
     }
-    std::memcpy(out, &acc[q], store * sizeof(scalar_t));
   }
 }
 
