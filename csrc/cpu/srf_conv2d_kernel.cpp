@@ -376,20 +376,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> srf_conv2d_backward_cpu(
                                xt.data() + (r * g.padded_w + c) * lanes + i0, g.stride_w * lanes, g.out_w);
             }
             if (need_input) {
-              // Transposed W pass, scattered: grad_xt[r][wo·sW + c] += b_m[c] · grad_z[m][r][wo]
-              // (consecutive c update distinct rows, so no chain through memory).
+              // Transposed W pass, scattered: grad_xt[r][wo·sW + c] += Σ_m b_m[c] · grad_z[m][r][wo],
+              // the sum over m formed in registers, one update of grad_xt per (wo, c).
               for (int64_t r = 0; r < tile.footprint; ++r) {
                 const int64_t h = tile.first_padded_row + r - g.pad_h;
                 if (h < 0 || h >= g.height) continue;
                 scalar_t* grad_row = grad_xt.data() + r * g.padded_w * lanes;
                 std::fill(grad_row, grad_row + g.padded_w * lanes, scalar_t(0));
-                for (int64_t m = 0; m < g.order1; ++m)
-                  for (int64_t wo = 0; wo < g.out_w; ++wo) {
-                    const scalar_t* gz = grad_z.data() + ((m * tile.footprint + r) * g.out_w + wo) * lanes;
+                const int64_t m_step = tile.footprint * g.out_w * lanes;
+                for (int64_t wo = 0; wo < g.out_w; ++wo)
+                  for (int64_t i0 = 0; i0 < lanes; i0 += V) {
+                    const scalar_t* gz = grad_z.data() + (r * g.out_w + wo) * lanes + i0;
                     for (int64_t c = 0; c < g.k; ++c) {
-                      const scalar_t tap = tp[m * g.k + c];
-                      scalar_t* dst = grad_row + (wo * g.stride_w + c) * lanes;
-                      for (int64_t i = 0; i < lanes; ++i) dst[i] += tap * gz[i];
+                      scalar_t* dst = grad_row + (wo * g.stride_w + c) * lanes + i0;
+                      lane_sum<1>(dst, 0, true, V, gz, 0, m_step, tp + c, g.k, g.order1);
                     }
                   }
                 for (int64_t i = 0; i < cig; ++i) {
