@@ -51,9 +51,10 @@ def _checked_radius(scale: torch.Tensor, truncate: float, kernel_size: int | Non
         return kernel_size // 2
     if radius > MAX_RADIUS:
         limit = math.log2((MAX_RADIUS - 0.5) / truncate)
+        taps = f"{2 * int(radius) + 1}" if math.isfinite(radius) else "infinitely many"
         raise ValueError(
-            f"scale too large: σ = {2.0 ** high:.4g} with truncate={truncate} gives a kernel of "
-            f"{2 * int(radius) + 1} taps; the cap is {2 * MAX_RADIUS + 1} (scale <= {limit:.3f})"
+            f"scale too large: scale = {high:.4g} (σ = 2^scale) with truncate={truncate} gives a kernel of "
+            f"{taps} taps; the cap is {2 * MAX_RADIUS + 1} (scale <= {limit:.3f})"
         )
     return int(radius)
 
