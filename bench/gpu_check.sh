@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Installed, kernels/ is the subpackage dcn_fast.kernels; from a bare checkout a link does that.
+python -c "import dcn_fast.kernels" 2>/dev/null || ln -sfn ../kernels dcn_fast/kernels
 status=0
 
 {

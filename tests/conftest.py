@@ -12,9 +12,13 @@ def _seed():
 
 
 def cpu_kernel_or_skip():
-    """The C++ kernel must build wherever a compiler exists; skip (with the reason) elsewhere."""
+    """The C++ kernel must build wherever a compiler and ninja exist; skip (with the reason) elsewhere."""
+    from torch.utils.cpp_extension import is_ninja_available
+
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler on this machine: the 'cpu' backend falls back to 'separable'")
+    if not is_ninja_available():
+        pytest.skip("ninja is not installed (pip install ninja): the 'cpu' backend falls back to 'separable'")
     assert ops.cpu_kernel_available(), f"C++ kernel failed to build: {ops._state.get('error')}"
 
 
