@@ -8,6 +8,7 @@ DESIGN.md §2 rather than autograd through the construction.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -16,6 +17,7 @@ __all__ = [
     "MAX_RADIUS",
     "num_basis",
     "basis_pairs",
+    "pair_index",
     "radius_of",
     "srf_taps",
     "basis_from_taps",
@@ -37,6 +39,19 @@ def basis_pairs(order: int) -> list[tuple[int, int]]:
     ``B_(l,m)(p, q) = b_l(p) * b_m(q)`` with p along H (rows), q along W.
     """
     return [(l, m) for l in range(order + 1) for m in range(order - l, -1, -1)]
+
+
+@functools.lru_cache(maxsize=None)
+def pair_index(order: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(l, m)`` of each basis function as two int64 tensors on ``device``.
+
+    Cached: built (and copied to the device) once per process, so a call that
+    uses them needs no host-to-device transfer (CUDA-graph capturable).
+    """
+    pairs = basis_pairs(order)
+    rows = torch.tensor([l for l, _ in pairs]).to(device)
+    cols = torch.tensor([m for _, m in pairs]).to(device)
+    return rows, cols
 
 
 def radius_of(sigma: float, truncate: float) -> int:

@@ -15,16 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from .basis import basis_from_taps, basis_pairs
+from .basis import basis_from_taps, pair_index
 
 __all__ = ["separable_srf_conv2d", "dense_srf_conv2d", "dense_filters"]
-
-
-def _pair_index(order: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = basis_pairs(order)
-    rows = torch.tensor([l for l, _ in pairs], device=device)
-    cols = torch.tensor([m for _, m in pairs], device=device)
-    return rows, cols
 
 
 class _Weights:
@@ -38,7 +31,7 @@ class _Weights:
     def __init__(self, taps, alpha, order, channels, groups):
         order1, k = taps.shape
         n_basis, c_in_g, c_out = alpha.shape
-        self.rows, self.cols = _pair_index(order, taps.device)
+        self.rows, self.cols = pair_index(order, taps.device)
         # H pass: every channel against b_0..b_N (output channel c*(N+1) + l).
         self.along_h = taps.repeat(channels, 1).reshape(channels * order1, 1, 1, k)
         # W pass: basis f = (l, m) takes H-pass output l and applies b_m

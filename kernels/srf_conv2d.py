@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dcn_fast.basis import pair_index
+
 __all__ = ["srf_conv2d_triton", "supports"]
 
 #: Output channels handled by one program in the backward (all of them).
@@ -58,8 +60,8 @@ def _basis_weights(taps_ptr, rows, cols, mask_f, a, c, K: tl.constexpr):
 def _srf_fwd_kernel(
     x_ptr,  # [B, C, H, W]
     taps_ptr,  # [N+1, K] float32
-    rows_ptr,  # [F] int32: l of basis f
-    cols_ptr,  # [F] int32: m of basis f
+    rows_ptr,  # [F] int64: l of basis f
+    cols_ptr,  # [F] int64: m of basis f
     alpha_ptr,  # [F, C, O] float32
     out_ptr,  # [B, O, Ho, Wo]
     C, H, W, O, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
@@ -262,9 +264,7 @@ def _geometry(input, taps, alpha, order, stride, padding):
     n_basis, _, c_out = alpha.shape
     out_h = (height + 2 * padding[0] - k) // stride[0] + 1
     out_w = (width + 2 * padding[1] - k) // stride[1] + 1
-    pairs = [(l, m) for l in range(order + 1) for m in range(order - l, -1, -1)]
-    rows = torch.tensor([l for l, _ in pairs], dtype=torch.int32, device=input.device)
-    cols = torch.tensor([m for _, m in pairs], dtype=torch.int32, device=input.device)
+    rows, cols = pair_index(order, input.device)
     f_pad = max(triton.next_power_of_2(n_basis), 1)
     return batch, c_in, height, width, c_out, k, out_h, out_w, n_basis, f_pad, rows, cols
 
@@ -315,9 +315,9 @@ def backward(grad_out, input, taps, alpha, order, stride, padding, needs):
     if need_taps:
         grad_basis = basis_part.sum((0, 1))[:n_basis]  # [F, K, K]: dL/dB_f(a, c)
         # B_f = b_l ⊗ b_m: each tap collects its row role and its column role.
-        row_grad = torch.einsum("fac,fc->fa", grad_basis, taps32[cols.long()])
-        col_grad = torch.einsum("fac,fa->fc", grad_basis, taps32[rows.long()])
-        grad_taps = torch.zeros_like(taps32).index_add_(0, rows.long(), row_grad).index_add_(0, cols.long(), col_grad)
+        row_grad = torch.einsum("fac,fc->fa", grad_basis, taps32[cols])
+        col_grad = torch.einsum("fac,fa->fc", grad_basis, taps32[rows])
+        grad_taps = torch.zeros_like(taps32).index_add_(0, rows, row_grad).index_add_(0, cols, col_grad)
         grad_taps = grad_taps.to(taps.dtype)
     if need_input:
         grad_input = torch.empty_like(x)

@@ -42,6 +42,8 @@ def test_precomputed_taps_need_no_host_sync_in_the_call():
     a = torch.randn(6, 5, 4, device=DEV)
     s = torch.zeros(1, device=DEV)
     taps = srf_taps_for(s)
+    srf_conv2d(x, s, a, taps=taps, backend="separable")  # warm-up: caches, cuDNN plans
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         srf_conv2d(x, s, a, taps=taps, backend="separable")
