@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .basis import num_basis
+from .separable import dense_filters
 from .functional import srf_conv2d, srf_taps_for
 from .modules import SRFConv2d
 
@@ -47,6 +48,7 @@ class TimeConv(nn.Module):
         super().__init__()
         self.kind = kind
         self.backend = backend
+        self.order = 2  # the paper's N-jet order in every DCN
         c_in = channels_in + 1
         self._cache: dict | None = None
         if kind == "conv":
@@ -56,7 +58,7 @@ class TimeConv(nn.Module):
         elif kind == "srf_pair":
             self.layer = SRFConv2d(c_in, channels_out, scale_sharing="pair", kernel_size=7, backend=backend)
         elif kind in META_KINDS:
-            f = num_basis(2)
+            f = num_basis(self.order)
             self.alpha = nn.Parameter(0.1 * torch.randn(f, c_in, channels_out))
             if kind == "sigma_alpha_t":
                 self.alpha_slope = nn.Parameter(0.1 * torch.randn(f, c_in, channels_out))
@@ -123,10 +125,32 @@ class TimeConv(nn.Module):
         key = tuple(x.shape[-2:])
         m = cache.get(key)
         if m is None:
-            m = self._conv(x.new_ones(1, 1, *key), slice(0, 1), weights)
+            m = self._time_map(key, weights, x)
             if self._cache is not None:
                 self._cache[key] = m
         return out + t.to(out.dtype) * m
+
+    def _time_map(self, size: tuple[int, int], weights, like: torch.Tensor) -> torch.Tensor:
+        """M = conv_t(1) ``[1, C_out, H, W]`` without a convolution.
+
+        With a constant input, output pixel (h, w) sums the time filter over the
+        taps that land inside the image: ``M[o,h,w] = Σ_(a,c) W_t[o,a,c]·in(h,a)·in(w,c)``,
+        one einsum of the small dense time filter with two 0/1 masks.
+        """
+        if self.kind == "conv":
+            w_t = self.layer.weight[:, 0]
+        else:
+            scale, alpha, taps, _ = weights
+            t_taps = taps[:, :1] if scale.dim() == 2 else taps.reshape(taps.shape[-2:])
+            w_t = dense_filters(t_taps.to(alpha.dtype), alpha[:, :1], self.order)[:, 0]
+        radius = w_t.shape[-1] // 2
+        offsets = torch.arange(-radius, radius + 1, device=like.device)
+
+        def inside(n: int) -> torch.Tensor:
+            pos = torch.arange(n, device=like.device)[:, None] + offsets
+            return ((pos >= 0) & (pos < n)).to(w_t.dtype)
+
+        return torch.einsum("oac,ha,wc->ohw", w_t, inside(size[0]), inside(size[1]))[None].to(like.dtype)
 
 
 def group_norm(channels: int, groups: int | None = None) -> nn.GroupNorm:
