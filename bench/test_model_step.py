@@ -63,7 +63,7 @@ def test_sgd_step(benchmark, batch, name, adjoint):
             torch.cuda.synchronize()
 
     benchmark.group = "sgd step"
-    benchmark.pedantic(step, setup=setup, rounds=2, warmup_rounds=1 if DEVICE.type == "cuda" else 0)
+    benchmark.pedantic(step, setup=setup, rounds=3, warmup_rounds=1 if DEVICE.type == "cuda" else 0)
     benchmark.extra_info.update(
         model=name, adjoint=adjoint, batch=BATCH, device=str(DEVICE),
         nfe_forward=nfe["forward"], nfe_backward=nfe["backward"],
