@@ -2,7 +2,7 @@
 
 from . import functional
 from .basis import MAX_RADIUS, num_basis, srf_taps
-from .functional import srf_conv2d
+from .functional import srf_conv2d, srf_taps_for
 from .modules import SRFConv2d
 from .reference import srf_conv2d_reference, srf_filters_reference
 
@@ -17,4 +17,5 @@ __all__ = [
     "srf_conv2d_reference",
     "srf_filters_reference",
     "srf_taps",
+    "srf_taps_for",
 ]

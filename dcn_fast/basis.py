@@ -18,7 +18,6 @@ __all__ = [
     "num_basis",
     "basis_pairs",
     "pair_index",
-    "radius_of",
     "srf_taps",
     "basis_from_taps",
 ]
@@ -52,11 +51,6 @@ def pair_index(order: int, device: torch.device) -> tuple[torch.Tensor, torch.Te
     rows = torch.tensor([l for l, _ in pairs]).to(device)
     cols = torch.tensor([m for _, m in pairs]).to(device)
     return rows, cols
-
-
-def radius_of(sigma: float, truncate: float) -> int:
-    """Published truncation radius ``ceil(truncate * sigma + 0.5)``."""
-    return int(math.ceil(truncate * sigma + 0.5))
 
 
 def _hermite(u: torch.Tensor, order: int) -> list[torch.Tensor]:
