@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Union
 
@@ -175,7 +176,7 @@ def _validate(input, scale, alpha, order, truncate, stride, padding, groups, bia
     return _Spec(sharing, radius, stride, pad)
 
 
-def resolve_backend(backend: str, input: torch.Tensor) -> str:
+def resolve_backend(backend: str, input: torch.Tensor, dtype: torch.dtype | None = None) -> str:
     """The backend that runs for ``backend`` on ``input``'s device.
 
     ``auto`` picks ``cpu`` (the C++ kernel) for float32/float64 CPU tensors when
@@ -189,7 +190,7 @@ def resolve_backend(backend: str, input: torch.Tensor) -> str:
         raise ValueError(f"backend='cpu' needs CPU tensors, got input on {input.device}")
     # The C++ kernel computes in float32 and float64; lower precisions (autocast,
     # bf16 models) take the separable path, whose convolutions support them.
-    full_precision = input.dtype in (torch.float32, torch.float64)
+    full_precision = (dtype or input.dtype) in (torch.float32, torch.float64)
     if backend == "auto":
         cpu = input.device.type == "cpu" and full_precision and ops.cpu_kernel_available()
         return "cpu" if cpu else "separable"
@@ -201,7 +202,7 @@ def resolve_backend(backend: str, input: torch.Tensor) -> str:
             )
         return backend
     if backend == "cpu" and not full_precision:
-        raise ValueError(f"backend='cpu' computes in float32 or float64, got input of dtype {input.dtype}")
+        raise ValueError(f"backend='cpu' computes in float32 or float64, got {dtype or input.dtype}")
     if backend == "cpu" and not ops.cpu_kernel_available(warn=True):
         return "separable"
     return backend
@@ -264,23 +265,28 @@ def srf_conv2d(
         torch.Size([2, 8, 16, 16])
     """
     spec = _validate(input, scale, alpha, order, truncate, stride, padding, groups, bias, kernel_size, taps)
-    name = resolve_backend(backend, input)
+    dtype = torch.promote_types(input.dtype, alpha.dtype)
+    name = resolve_backend(backend, input, dtype)
     if name == "reference":
         return srf_conv2d_reference(
             input, scale, alpha, order, truncate, spec.stride, spec.padding, groups, bias, kernel_size
         )
-    dtype = torch.promote_types(input.dtype, alpha.dtype)
     input, alpha = input.to(dtype), alpha.to(dtype)
     if taps is None:
         taps = srf_taps(scale.to(dtype), order, spec.radius, truncate if kernel_size is None else None)
     taps = taps.to(dtype)
-    if spec.sharing != "layer":
-        taps = taps.reshape(alpha.shape[2], -1, *taps.shape[-2:])
-        out = dense_srf_conv2d(input, taps, alpha, order, spec.stride, spec.padding, groups)
-    else:
-        taps = taps.reshape(taps.shape[-2:])
-        run = {"cpu": ops.srf_conv2d, "separable": separable_srf_conv2d, "triton": _triton_backend}[name]
-        out = run(input, taps, alpha, order, spec.stride, spec.padding, groups)
+    # The passes run in the promoted dtype of the inputs: autocast would recast
+    # their grouped 1-D convolutions, which oneDNN cannot run in bf16.
+    device = input.device.type
+    no_autocast = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
+    with no_autocast:
+        if spec.sharing != "layer":
+            taps = taps.reshape(alpha.shape[2], -1, *taps.shape[-2:])
+            out = dense_srf_conv2d(input, taps, alpha, order, spec.stride, spec.padding, groups)
+        else:
+            taps = taps.reshape(taps.shape[-2:])
+            run = {"cpu": ops.srf_conv2d, "separable": separable_srf_conv2d, "triton": _triton_backend}[name]
+            out = run(input, taps, alpha, order, spec.stride, spec.padding, groups)
     if bias is not None:
         out = out + bias.to(out.dtype).reshape(1, -1, 1, 1)
     return out

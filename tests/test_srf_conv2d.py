@@ -285,3 +285,14 @@ def test_low_precision_input_on_cpu():
     assert rel_err(out.float(), srf_conv2d(x.float(), s, a.float(), backend="reference")) < 2e-2
     with pytest.raises(ValueError, match="backend='cpu' computes in float32 or float64"):
         srf_conv2d(x, s, a, backend="cpu")
+
+
+@pytest.mark.parametrize("backend_name", ["separable", "cpu"])
+def test_under_cpu_autocast(backend_name):
+    """Under autocast the op computes in its inputs' promoted dtype (float32 here) and matches the reference."""
+    x = torch.randn(2, 4, 9, 9)
+    s, a = torch.zeros(1), torch.randn(6, 4, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = srf_conv2d(x.bfloat16(), s, a, backend=backend_name)
+    assert out.dtype == torch.float32
+    assert rel_err(out, srf_conv2d(x.bfloat16().float(), s, a, backend="reference")) < 1e-5

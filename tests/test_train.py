@@ -196,3 +196,10 @@ def test_cli_argparse_rejects_impossible_sizes(capsys):
 
 def test_classes_match_folder_names():
     assert CLASSES[0] == "airplane" and CLASSES[-1] == "truck" and len(CLASSES) == 10
+
+
+def test_bf16_autocast_run(tmp_path):
+    summary = train(small_config(tmp_path, images_per_class=2, epochs=1, batch_size=10, amp="bf16"),
+                    progress=False, log=lambda *_: None)
+    assert 0.0 <= summary["best_test_acc"] <= 1.0
+    assert read_metrics(tmp_path / "run")[0]["train_loss"] > 0
