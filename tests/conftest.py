@@ -22,6 +22,12 @@ def cpu_kernel_or_skip():
     assert ops.cpu_kernel_available(), f"C++ kernel failed to build: {ops._state.get('error')}"
 
 
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest expected magnitude, in float64."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
 @pytest.fixture
 def cpu_kernel():
     cpu_kernel_or_skip()

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import rel_err
 
 from dcn_fast import srf_conv2d
 from dcn_fast.functional import srf_taps_for
@@ -10,10 +11,6 @@ from dcn_fast.models import build
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (verified by bench/gpu_check.sh)")
 
 DEV = torch.device("cuda")
-
-
-def rel_err(a, b):
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-3), (torch.bfloat16, 3e-2),

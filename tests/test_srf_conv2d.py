@@ -6,6 +6,8 @@ import warnings
 import pytest
 import torch
 
+from conftest import rel_err
+
 from dcn_fast import ops
 from dcn_fast.basis import num_basis, srf_taps
 from dcn_fast.functional import srf_conv2d
@@ -37,10 +39,6 @@ def make(case, dtype, requires_grad=False):
 def run(backend, tensors, kwargs):
     x, s, a, b = tensors
     return srf_conv2d(x, s, a, bias=b, backend=backend, **kwargs)
-
-
-def rel_err(actual, expected):
-    return float((actual - expected).detach().abs().max() / expected.detach().abs().max())
 
 
 @pytest.fixture(params=FAST)

@@ -11,6 +11,8 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton", reason="the triton backend needs the triton package")
 
+from conftest import rel_err  # noqa: E402
+
 from dcn_fast import srf_conv2d  # noqa: E402
 from dcn_fast.basis import num_basis  # noqa: E402
 from dcn_fast.functional import srf_taps_for  # noqa: E402
@@ -38,15 +40,12 @@ def test_forward_and_gradients_match_float64_reference(case):
     want = srf_conv2d(*wide, backend="reference", **kwargs)
     assert out.shape == want.shape and out.dtype == torch.float32
 
-    def rel(p, q):
-        return float((p.detach().double() - q.detach()).abs().max() / q.detach().abs().max())
-
-    assert rel(out, want) < 1e-4  # float32 GEMMs in IEEE precision (TF32 only when torch allows it)
+    assert rel_err(out, want) < 1e-4  # float32 GEMMs in IEEE precision (TF32 only when torch allows it)
     grad = torch.randn_like(want)
     got = torch.autograd.grad(out, (x, s, a), grad.float())
     expected = torch.autograd.grad(want, wide, grad)
     for name, g, e in zip(("input", "scale", "alpha"), got, expected):
-        assert rel(g, e) < 1e-4, name
+        assert rel_err(g, e) < 1e-4, name
 
 
 def test_gradient_of_alpha_only():
