@@ -308,6 +308,8 @@ def backward(grad_out, input, taps, alpha, order, stride, padding, needs):
         K=k, F=n_basis, F_PAD=f_pad, SPLIT=_SPLIT, PRECISION=_precision(),
         NEED_ALPHA=need_alpha, NEED_BASIS=need_taps, NEED_GRAD_RESP=need_input,
         BLOCK_P=_BLOCK_P, BLOCK_I=_BLOCK_I, BLOCK_O=block_o,
+        # α's tile [F_PAD, BLOCK_I, C_out] stays in registers: more warps for wide layers.
+        num_warps=8 if block_o >= 128 else 4,
     )
     grad_input = grad_taps = grad_alpha = None
     if need_alpha:
