@@ -81,6 +81,9 @@ def run_train(args: argparse.Namespace) -> int:
     if args.model not in MODELS:
         print(f"dcn-fast train: error: unknown model {args.model!r}; choose one of: {', '.join(MODELS)}", file=sys.stderr)
         return 2
+    if args.resume and args.out is None:
+        print("dcn-fast train: error: --resume needs --out (the folder of the run to continue)", file=sys.stderr)
+        return 2
     given = {k: v for k, v in vars(args).items() if v is not None}
     if args.data_root is None:  # the quick run on the shipped sample
         for key, value in SAMPLE_DEFAULTS.items():
@@ -94,7 +97,7 @@ def run_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         weight_decay=args.weight_decay,
         seed=args.seed,
-        out=args.out or f"runs/{args.model}",
+        out=args.out or time.strftime(f"runs/{args.model}-%Y%m%d-%H%M%S"),
         amp=args.amp,
         device=args.device,
         adjoint=args.adjoint,
@@ -177,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=0.1, help="initial learning rate (default: 0.1)")
     train.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay (default: 0)")
     train.add_argument("--seed", type=int, default=0, help="seed of init, subset, order, augmentation")
-    train.add_argument("--out", help="output folder (default: runs/<model>)")
+    train.add_argument("--out", help="output folder (default: runs/<model>-<date>-<time>)")
     train.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
     train.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     train.add_argument("--no-adjoint", dest="adjoint", action="store_false",

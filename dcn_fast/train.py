@@ -49,7 +49,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0
-    out: str = "runs/dcn-ode"
+    out: str = "runs/dcn-ode"  # the CLI defaults to runs/<model>-<date>-<time>
     amp: str | None = None
     device: str | None = None
     adjoint: bool = True

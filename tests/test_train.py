@@ -203,3 +203,8 @@ def test_bf16_autocast_run(tmp_path):
                     progress=False, log=lambda *_: None)
     assert 0.0 <= summary["best_test_acc"] <= 1.0
     assert read_metrics(tmp_path / "run")[0]["train_loss"] > 0
+
+
+def test_cli_resume_needs_out(capsys):
+    assert cli.main(["train", "--resume"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
