@@ -253,7 +253,8 @@ def srf_conv2d(
         kernel_size: fixed odd K instead of the σ-dependent one (no truncation).
         backend: ``"auto"``, ``"reference"``, ``"separable"``, ``"cpu"`` or ``"triton"``.
         taps: optional taps from :func:`srf_taps_for` for this ``scale`` (and
-            the same order, truncate, kernel_size), to reuse them across calls.
+            the same order, truncate, kernel_size), to reuse them across calls
+            (the ``reference`` backend rebuilds its filter regardless).
 
     Returns:
         ``[B, C_out, Ho, Wo]`` with ``Ho = (H + 2 pH - K) // sH + 1``.

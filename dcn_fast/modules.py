@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .basis import num_basis, srf_taps
-from .functional import BACKENDS, IntPair, Padding, check_options, srf_conv2d, truncation_radius
+from .basis import num_basis
+from .functional import BACKENDS, IntPair, Padding, check_options, srf_conv2d, srf_taps_for, truncation_radius
 from .separable import dense_filters
 
 __all__ = ["SRFConv2d", "SCALE_SHARING"]
@@ -152,9 +152,9 @@ class SRFConv2d(nn.Module):
 
     def filters(self) -> torch.Tensor:
         """The dense filters ``[C_out, C_in/groups, K, K]`` (differentiable)."""
-        radius = self.radius
-        truncate = self.truncate if self.fixed_kernel_size is None else None
-        taps = srf_taps(self.scale, self.order, radius, truncate)
+        taps = srf_taps_for(
+            self.scale, order=self.order, truncate=self.truncate, kernel_size=self.fixed_kernel_size
+        )
         if self.scale_sharing == "layer":
             taps = taps.reshape(taps.shape[-2:])
         else:

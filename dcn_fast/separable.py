@@ -2,11 +2,12 @@
 
 ``y_o = Σ_i Σ_f α[f,i,o] (x_i ⋆ B_f)`` with ``B_(l,m) = b_l ⊗ b_m``: one 1-D
 pass along H with b_0..b_N, one pass along W per basis pair, then one GEMM
-(a 1x1 convolution) with α (DESIGN.md §2); each a single grouped convolution. The backward recomputes the basis responses rather than saving
-them: the op keeps only ``input``, ``taps`` (derived from σ, ``[N+1, K]``) and
-``alpha``. This is the portable fallback of the compiled backends, and the
-``dense`` helper here serves the scale layouts whose basis is not shared
-(one σ per output channel, σ^ji).
+(a 1x1 convolution) with α (DESIGN.md §2), each a single grouped convolution.
+The backward recomputes the basis responses rather than saving them: the op
+keeps only ``input``, ``taps`` (derived from σ, ``[N+1, K]``) and ``alpha``.
+This is the portable fallback of the compiled backends; ``dense_srf_conv2d``
+here serves the scale layouts whose basis is not shared (one σ per output
+channel, σ^ji).
 """
 
 from __future__ import annotations

@@ -57,6 +57,48 @@ def _basis_weights(taps_ptr, rows, cols, mask_f, a, c, K: tl.constexpr):
 
 
 @triton.jit
+def _basis_pairs(rows_ptr, cols_ptr, F: tl.constexpr, F_PAD: tl.constexpr):
+    """Basis index f (padded to F_PAD), its mask and its (l, m) taps."""
+    fs = tl.arange(0, F_PAD)
+    mask_f = fs < F
+    rows = tl.load(rows_ptr + fs, mask=mask_f, other=0)
+    cols = tl.load(cols_ptr + fs, mask=mask_f, other=0)
+    return fs, mask_f, rows, cols
+
+
+@triton.jit
+def _pixel_block(item, n_pixels, width, BLOCK_P: tl.constexpr):
+    """Image b and the BLOCK_P pixels (row, col) of work item ``item`` over [B, n_pixels] maps."""
+    n_pblocks = tl.cdiv(n_pixels, BLOCK_P)
+    b = item // n_pblocks
+    offs_p = (item % n_pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return b, offs_p, offs_p < n_pixels, offs_p // width, offs_p % width
+
+
+@triton.jit
+def _shifted_input(x_ptr, b, offs_i, mask_i, ho, wo, mask_p, a, c, C, H, W, stride_h, stride_w, pad_h, pad_w):
+    """x[b, i, ho·sH + a - pH, wo·sW + c - pW] as float32 ``[BLOCK_P, BLOCK_I]``, zero outside the image."""
+    h = ho * stride_h + a - pad_h
+    w = wo * stride_w + c - pad_w
+    ok = mask_p & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    return tl.load(
+        x_ptr + ((b * C + offs_i[None, :]) * H + h[:, None]) * W + w[:, None],
+        mask=ok[:, None] & mask_i[None, :],
+        other=0.0,
+    ).to(tl.float32)
+
+
+@triton.jit
+def _alpha_tile(alpha_ptr, fs, mask_f, offs_i, mask_i, offs_o, mask_o, C, O):
+    """α[f, i, o] as ``[F_PAD, BLOCK_I, BLOCK_O]``, zero in the padding."""
+    return tl.load(
+        alpha_ptr + (fs[:, None, None] * C + offs_i[None, :, None]) * O + offs_o[None, None, :],
+        mask=mask_f[:, None, None] & mask_i[None, :, None] & mask_o[None, None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
 def _srf_fwd_kernel(
     x_ptr,  # [B, C, H, W]
     taps_ptr,  # [N+1, K] float32
@@ -68,19 +110,10 @@ def _srf_fwd_kernel(
     K: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_pblocks = tl.cdiv(Ho * Wo, BLOCK_P)
-    b = pid // n_pblocks
-    offs_p = (pid % n_pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < Ho * Wo
-    ho = offs_p // Wo
-    wo = offs_p % Wo
+    b, offs_p, mask_p, ho, wo = _pixel_block(tl.program_id(0), Ho * Wo, Wo, BLOCK_P)
     offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     mask_o = offs_o < O
-    fs = tl.arange(0, F_PAD)
-    mask_f = fs < F
-    rows = tl.load(rows_ptr + fs, mask=mask_f, other=0)
-    cols = tl.load(cols_ptr + fs, mask=mask_f, other=0)
+    fs, mask_f, rows, cols = _basis_pairs(rows_ptr, cols_ptr, F, F_PAD)
 
     acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
     for i0 in range(0, C, BLOCK_I):
@@ -88,23 +121,12 @@ def _srf_fwd_kernel(
         mask_i = offs_i < C
         resp = tl.zeros((F_PAD, BLOCK_P, BLOCK_I), dtype=tl.float32)
         for a in range(K):
-            h = ho * stride_h + a - pad_h
-            row_ok = mask_p & (h >= 0) & (h < H)
             for c in range(K):
-                w = wo * stride_w + c - pad_w
-                ok = row_ok & (w >= 0) & (w < W)
-                xv = tl.load(
-                    x_ptr + ((b * C + offs_i[None, :]) * H + h[:, None]) * W + w[:, None],
-                    mask=ok[:, None] & mask_i[None, :],
-                    other=0.0,
-                ).to(tl.float32)
+                xv = _shifted_input(x_ptr, b, offs_i, mask_i, ho, wo, mask_p, a, c, C, H, W,
+                                    stride_h, stride_w, pad_h, pad_w)
                 weights = _basis_weights(taps_ptr, rows, cols, mask_f, a, c, K)
                 resp += weights[:, None, None] * xv[None, :, :]
-        al = tl.load(
-            alpha_ptr + (fs[:, None, None] * C + offs_i[None, :, None]) * O + offs_o[None, None, :],
-            mask=mask_f[:, None, None] & mask_i[None, :, None] & mask_o[None, None, :],
-            other=0.0,
-        )
+        al = _alpha_tile(alpha_ptr, fs, mask_f, offs_i, mask_i, offs_o, mask_o, C, O)
         resp2 = tl.reshape(tl.permute(resp, (1, 0, 2)), (BLOCK_P, F_PAD * BLOCK_I))
         acc += tl.dot(resp2, tl.reshape(al, (F_PAD * BLOCK_I, BLOCK_O)), input_precision=PRECISION)
     out_offs = ((b * O + offs_o[None, :]) * Ho + ho[:, None]) * Wo + wo[:, None]
@@ -131,26 +153,14 @@ def _srf_bwd_weights_kernel(
     mask_i = offs_i < C
     offs_o = tl.arange(0, BLOCK_O)
     mask_o = offs_o < O
-    fs = tl.arange(0, F_PAD)
-    mask_f = fs < F
-    rows = tl.load(rows_ptr + fs, mask=mask_f, other=0)
-    cols = tl.load(cols_ptr + fs, mask=mask_f, other=0)
-    al = tl.load(
-        alpha_ptr + (fs[:, None, None] * C + offs_i[None, :, None]) * O + offs_o[None, None, :],
-        mask=mask_f[:, None, None] & mask_i[None, :, None] & mask_o[None, None, :],
-        other=0.0,
-    )
+    fs, mask_f, rows, cols = _basis_pairs(rows_ptr, cols_ptr, F, F_PAD)
+    al = _alpha_tile(alpha_ptr, fs, mask_f, offs_i, mask_i, offs_o, mask_o, C, O)
     al2t = tl.trans(tl.reshape(al, (F_PAD * BLOCK_I, BLOCK_O)))  # [BLOCK_O, F_PAD*BLOCK_I]
     alpha_acc = tl.zeros((F_PAD * BLOCK_I, BLOCK_O), dtype=tl.float32)
-    n_pblocks = tl.cdiv(Ho * Wo, BLOCK_P)
     basis_base = basis_part_ptr + ((ib * SPLIT + split) * F_PAD + fs) * K * K  # [F_PAD]
 
-    for item in range(split, B * n_pblocks, SPLIT):
-        b = item // n_pblocks
-        offs_p = (item % n_pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < Ho * Wo
-        ho = offs_p // Wo
-        wo = offs_p % Wo
+    for item in range(split, B * tl.cdiv(Ho * Wo, BLOCK_P), SPLIT):
+        b, offs_p, mask_p, ho, wo = _pixel_block(item, Ho * Wo, Wo, BLOCK_P)
         gy = tl.load(
             gy_ptr + (b * O + offs_o[None, :]) * Ho * Wo + offs_p[:, None],
             mask=mask_p[:, None] & mask_o[None, :],
@@ -168,16 +178,9 @@ def _srf_bwd_weights_kernel(
             )
         resp = tl.zeros((F_PAD, BLOCK_P, BLOCK_I), dtype=tl.float32)
         for a in range(K):
-            h = ho * stride_h + a - pad_h
-            row_ok = mask_p & (h >= 0) & (h < H)
             for c in range(K):
-                w = wo * stride_w + c - pad_w
-                ok = row_ok & (w >= 0) & (w < W)
-                xv = tl.load(
-                    x_ptr + ((b * C + offs_i[None, :]) * H + h[:, None]) * W + w[:, None],
-                    mask=ok[:, None] & mask_i[None, :],
-                    other=0.0,
-                ).to(tl.float32)
+                xv = _shifted_input(x_ptr, b, offs_i, mask_i, ho, wo, mask_p, a, c, C, H, W,
+                                    stride_h, stride_w, pad_h, pad_w)
                 if NEED_ALPHA:
                     weights = _basis_weights(taps_ptr, rows, cols, mask_f, a, c, K)
                     resp += weights[:, None, None] * xv[None, :, :]
@@ -209,19 +212,10 @@ def _srf_bwd_input_kernel(
     BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     """grad_x[i, h, w] = Σ_f Σ_(a,c) B_f(a, c) · G[f, i, (h + pH - a)/sH, (w + pW - c)/sW] (exact divisions only)."""
-    pid = tl.program_id(0)
-    n_pblocks = tl.cdiv(H * W, BLOCK_P)
-    b = pid // n_pblocks
-    offs_p = (pid % n_pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < H * W
-    h = offs_p // W
-    w = offs_p % W
+    b, offs_p, mask_p, h, w = _pixel_block(tl.program_id(0), H * W, W, BLOCK_P)
     offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask_i = offs_i < C
-    fs = tl.arange(0, F_PAD)
-    mask_f = fs < F
-    rows = tl.load(rows_ptr + fs, mask=mask_f, other=0)
-    cols = tl.load(cols_ptr + fs, mask=mask_f, other=0)
+    fs, mask_f, rows, cols = _basis_pairs(rows_ptr, cols_ptr, F, F_PAD)
     acc = tl.zeros((BLOCK_P, BLOCK_I), dtype=tl.float32)
     for a in range(K):
         hs = h + pad_h - a

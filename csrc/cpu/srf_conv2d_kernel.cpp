@@ -1,9 +1,10 @@
 // CPU kernel of dcn_fast::srf_conv2d: the separable basis algorithm
 // (DESIGN.md §2), tiled over (image, block of output rows).
 //
-// Per tile and input channel: one 1-D pass along W with the N+1 taps over the
-// tile's input footprint, then one pass along H per basis pair (l, m); the
-// F basis responses of the tile's C_in/groups channels feed one GEMM with α.
+// Per tile and group: the input footprint is laid out channels-innermost, one
+// 1-D pass along W with the N+1 taps, then one pass along H per basis pair
+// (l, m); the F basis responses of the tile's C_in/groups channels feed one
+// GEMM with α.
 // Only one tile's responses exist at a time per thread, never the whole
 // [B, F*C_in, Ho, Wo] stack. The backward recomputes them.
 #include <ATen/ATen.h>
