@@ -18,17 +18,14 @@ status=0
   git rev-parse --short HEAD 2>/dev/null || true
 } > "$OUT/versions.txt" 2>&1
 
-timeout 150 python -m pytest -q tests/test_gpu.py tests/test_triton.py tests/test_srf_conv2d.py -x > "$OUT/tests.log" 2>&1 || status=1
+# Each stage is bounded and runs whatever the one before did: a failing test still leaves numbers to read.
+timeout 100 python -m pytest -q tests/test_gpu.py tests/test_triton.py > "$OUT/tests.log" 2>&1 || status=1
 tail -3 "$OUT/tests.log"
-if [ "$status" -ne 0 ]; then
-  echo "GPU tests failed: no benchmark numbers reported (see $OUT/tests.log)"
-  exit 1
-fi
 
-timeout 240 python -m pytest bench/test_layer_gpu.py --benchmark-only -q -k "both or forward" \
+timeout 170 python -m pytest bench/test_layer_gpu.py --benchmark-only -q -k "both or forward" \
   --benchmark-json "$OUT/layer-gpu.json" > "$OUT/layer-gpu.log" 2>&1 || status=1
 python bench/report.py "$OUT/layer-gpu.json" > "$OUT/layer-gpu.md" 2>&1 || true
-timeout 150 python -m pytest bench/test_model_step.py --benchmark-only -q -p no:cacheprovider --rootdir bench \
+timeout 100 python -m pytest bench/test_model_step.py --benchmark-only -q -p no:cacheprovider --rootdir bench \
   -k "dcn-ode or odenet" --benchmark-json "$OUT/models-gpu.json" > "$OUT/models-gpu.log" 2>&1 || status=1
 python bench/report_models.py "$OUT/models-gpu.json" > "$OUT/models-gpu.md" 2>&1 || true
 cat "$OUT"/*.md
