@@ -1,29 +1,35 @@
 """Triton kernels of ``dcn_fast::srf_conv2d`` (groups = 1), layered
 kernel → host function → ``autograd.Function``.
 
-Forward: one program per (image, block of output pixels, block of output
-channels). For each block of input channels and each tap offset (a, c) it
-loads the shifted input tile once and adds it, weighted by
-``B_f(a, c) = b_l(a)·b_m(c)`` for all F basis functions at once, into the
-basis responses ``R[F, pixels, channels]`` held in registers; R then meets α
-in one ``tl.dot`` (``[pixels, F·channels] × [F·channels, C_out]``). The basis
-responses never reach memory.
+The 2-D basis is separable, ``B_f(a, c) = b_l(a)·b_m(c)``, so every kernel
+works with 1-D passes (K taps each, not K²):
 
-Backward: one kernel per (input-channel block, slice of the (image, pixel
-block) items) recomputes R for α's gradient, forms ``G = αᵀ·gy`` (the
-gradient of R) with ``tl.dot``, accumulates the gradient of every basis
-weight ``B_f(a, c)`` and stores G; a second kernel gathers G back through the
-transposed taps into the input gradient. Partial sums of α and of the basis
-weights are written per program and reduced in a fixed order by the host:
-the backward is deterministic. Cost: G ([B, F, C_in, Ho·Wo]) is the one
-intermediate written to memory.
+* ``_pass_kernel``: one 1-D pass along H or W, plain or transposed, that adds
+  the shifted planes of some input slots, weighted by one tap row each, into
+  output slots. It makes ``V_l = b_l ⊛_H x`` (rows strided), ``H_m = b_m ⊛_W x``
+  (backward only) and, transposed, carries the response gradient back to the
+  input: ``gV_l = Σ_{f: l(f)=l} b_m(f) ⊛ᵀ_W G_f`` then ``grad x = Σ_l b_l ⊛ᵀ_H gV_l``.
+* ``_srf_fwd_kernel``: per (image, pixel block, C_out block) it forms the F
+  basis responses ``R_f = b_m(f) ⊛_W V_l(f)`` of a block of input channels in
+  registers and meets α in one ``tl.dot`` (``[pixels, F·C_in] × [F·C_in, C_out]``).
+  R never reaches memory.
+* ``_srf_bwd_weights_kernel``: per (input-channel block, slice of the (image,
+  pixel block) items) it forms ``G = αᵀ·gy`` with ``tl.dot`` (stored for the
+  input gradient), recomputes R from V for α's gradient (``tl.dot`` with gy)
+  and reduces ``Σ G_f · V_l(f)`` (column taps) and ``Σ G_f · H_m(f)`` (row
+  taps) at each of the K shifts: the tap gradients, from which σ's follows.
 
-The taps come in as a tensor (``dcn_fast.srf_taps_for``), so nothing is read
-back to the host: a call can be captured in a CUDA graph. Runs on the CPU
-under ``TRITON_INTERPRET=1`` (tiny shapes in the tests).
+Partial sums are written per program and reduced in a fixed order by the host:
+the backward is deterministic. Intermediates V, H, G, gV are float32 and live
+only within one call (the autograd graph keeps x, taps and α). The taps come
+in as a tensor (``dcn_fast.srf_taps_for`` or built on the device), so nothing is
+read back to the host: a call can be captured in a CUDA graph. Runs on the
+CPU under ``TRITON_INTERPRET=1`` (tiny shapes in the tests).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -49,16 +55,64 @@ def supports(input: torch.Tensor, alpha: torch.Tensor, groups: int) -> str | Non
 
 
 @triton.jit
-def _basis_weights(taps_ptr, rows, cols, mask_f, a, c, K: tl.constexpr):
-    """B_f(a, c) = b_l(a) · b_m(c) for the F basis functions, as a [F_PAD] vector."""
-    row_tap = tl.load(taps_ptr + rows * K + a, mask=mask_f, other=0.0)
-    col_tap = tl.load(taps_ptr + cols * K + c, mask=mask_f, other=0.0)
-    return row_tap * col_tap
+def _shift(pos, t, size, stride, pad, TRANSPOSED: tl.constexpr):
+    """Source index of output index ``pos`` at tap t, and whether it exists.
+
+    Plain: ``pos·stride + t - pad``; transposed (the adjoint): ``(pos + pad - t) / stride``, exact divisions only.
+    """
+    if TRANSPOSED:
+        q = pos + pad - t
+        src = q // stride
+        ok = (q >= 0) & (q % stride == 0) & (src < size)
+    else:
+        src = pos * stride + t - pad
+        ok = (src >= 0) & (src < size)
+    return src, ok
+
+
+@triton.jit
+def _pass_kernel(
+    src_ptr,  # [B, S, C, Y_in, X_in]
+    taps_ptr,  # [N+1, K] float32
+    terms_ptr,  # [n_terms, 3] int32: (source slot, output slot, tap row)
+    dst_ptr,  # [B, J, C, Y_out, X_out]
+    n_terms, S, J, C, Y_in, X_in, Y_out, X_out, stride, pad,
+    K: tl.constexpr, AXIS: tl.constexpr, TRANSPOSED: tl.constexpr, J_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """dst[b, j] = Σ_(s, j, n) Σ_t taps[n, t] · src[b, s] shifted by t along AXIS (0: rows, 1: columns)."""
+    b = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < C * Y_out * X_out
+    ch = offs // (Y_out * X_out)
+    y = (offs // X_out) % Y_out
+    x = offs % X_out
+    slots = tl.arange(0, J_PAD)
+    acc = tl.zeros((J_PAD, BLOCK), dtype=tl.float32)
+    for term in range(n_terms):
+        s = tl.load(terms_ptr + 3 * term)
+        j = tl.load(terms_ptr + 3 * term + 1)
+        n = tl.load(terms_ptr + 3 * term + 2)
+        part = tl.zeros((BLOCK,), dtype=tl.float32)
+        for t in range(K):
+            if AXIS == 0:
+                ys, ok = _shift(y, t, Y_in, stride, pad, TRANSPOSED)
+                xs = x
+            else:
+                xs, ok = _shift(x, t, X_in, stride, pad, TRANSPOSED)
+                ys = y
+            v = tl.load(src_ptr + ((b * S + s) * C + ch) * Y_in * X_in + ys * X_in + xs, mask=mask & ok, other=0.0)
+            part += tl.load(taps_ptr + n * K + t) * v.to(tl.float32)
+        acc += tl.where(slots[:, None] == j, part[None, :], 0.0)
+    tl.store(
+        dst_ptr + ((b * J + slots[:, None]) * C + ch[None, :]) * Y_out * X_out + (y * X_out + x)[None, :],
+        acc.to(dst_ptr.dtype.element_ty),
+        mask=(slots[:, None] < J) & mask[None, :],
+    )
 
 
 @triton.jit
 def _basis_pairs(rows_ptr, cols_ptr, F: tl.constexpr, F_PAD: tl.constexpr):
-    """Basis index f (padded to F_PAD), its mask and its (l, m) taps."""
+    """Basis index f (padded to F_PAD), its mask and its (l, m) tap rows."""
     fs = tl.arange(0, F_PAD)
     mask_f = fs < F
     rows = tl.load(rows_ptr + fs, mask=mask_f, other=0)
@@ -76,16 +130,13 @@ def _pixel_block(item, n_pixels, width, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _shifted_input(x_ptr, b, offs_i, mask_i, ho, wo, mask_p, a, c, C, H, W, stride_h, stride_w, pad_h, pad_w):
-    """x[b, i, ho·sH + a - pH, wo·sW + c - pW] as float32 ``[BLOCK_P, BLOCK_I]``, zero outside the image."""
-    h = ho * stride_h + a - pad_h
-    w = wo * stride_w + c - pad_w
-    ok = mask_p & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+def _slot_tile(ptr, b, slot, mask_f, offs_i, mask_i, y, x, ok, S, C, Y, X):
+    """ptr[b, slot[f], i, y[p], x[p]] as float32 ``[F_PAD, BLOCK_P, BLOCK_I]``, zero where not ok."""
     return tl.load(
-        x_ptr + ((b * C + offs_i[None, :]) * H + h[:, None]) * W + w[:, None],
-        mask=ok[:, None] & mask_i[None, :],
+        ptr + ((b * S + slot[:, None, None]) * C + offs_i[None, None, :]) * Y * X + (y * X + x)[None, :, None],
+        mask=mask_f[:, None, None] & ok[None, :, None] & mask_i[None, None, :],
         other=0.0,
-    ).to(tl.float32)
+    )
 
 
 @triton.jit
@@ -99,14 +150,20 @@ def _alpha_tile(alpha_ptr, fs, mask_f, offs_i, mask_i, offs_o, mask_o, C, O):
 
 
 @triton.jit
+def _flat(tile, BLOCK_P: tl.constexpr, FI: tl.constexpr):
+    """[F_PAD, BLOCK_P, BLOCK_I] → [BLOCK_P, F_PAD·BLOCK_I] (f-major columns, as α is laid out)."""
+    return tl.reshape(tl.permute(tile, (1, 0, 2)), (BLOCK_P, FI))
+
+
+@triton.jit
 def _srf_fwd_kernel(
-    x_ptr,  # [B, C, H, W]
-    taps_ptr,  # [N+1, K] float32
+    v_ptr,  # [B, L, C, Ho, W] float32: V_l = b_l ⊛_H x
+    taps_ptr,  # [L, K] float32
     rows_ptr,  # [F] int64: l of basis f
     cols_ptr,  # [F] int64: m of basis f
     alpha_ptr,  # [F, C, O] float32
     out_ptr,  # [B, O, Ho, Wo]
-    C, H, W, O, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
+    L, C, W, O, Ho, Wo, stride_w, pad_w,
     K: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
@@ -120,31 +177,31 @@ def _srf_fwd_kernel(
         offs_i = i0 + tl.arange(0, BLOCK_I)
         mask_i = offs_i < C
         resp = tl.zeros((F_PAD, BLOCK_P, BLOCK_I), dtype=tl.float32)
-        for a in range(K):
-            for c in range(K):
-                xv = _shifted_input(x_ptr, b, offs_i, mask_i, ho, wo, mask_p, a, c, C, H, W,
-                                    stride_h, stride_w, pad_h, pad_w)
-                weights = _basis_weights(taps_ptr, rows, cols, mask_f, a, c, K)
-                resp += weights[:, None, None] * xv[None, :, :]
+        for c in range(K):
+            w, ok = _shift(wo, c, W, stride_w, pad_w, False)
+            tile = _slot_tile(v_ptr, b, rows, mask_f, offs_i, mask_i, ho, w, ok & mask_p, L, C, Ho, W)
+            resp += tl.load(taps_ptr + cols * K + c, mask=mask_f, other=0.0)[:, None, None] * tile
         al = _alpha_tile(alpha_ptr, fs, mask_f, offs_i, mask_i, offs_o, mask_o, C, O)
-        resp2 = tl.reshape(tl.permute(resp, (1, 0, 2)), (BLOCK_P, F_PAD * BLOCK_I))
-        acc += tl.dot(resp2, tl.reshape(al, (F_PAD * BLOCK_I, BLOCK_O)), input_precision=PRECISION)
+        acc += tl.dot(_flat(resp, BLOCK_P, F_PAD * BLOCK_I), tl.reshape(al, (F_PAD * BLOCK_I, BLOCK_O)),
+                      input_precision=PRECISION)
     out_offs = ((b * O + offs_o[None, :]) * Ho + ho[:, None]) * Wo + wo[:, None]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_o[None, :])
 
 
 @triton.jit
 def _srf_bwd_weights_kernel(
-    x_ptr,  # [B, C, H, W]
+    v_ptr,  # [B, L, C, Ho, W] float32: V_l = b_l ⊛_H x
+    h_ptr,  # [B, L, C, H, Wo] float32: H_m = b_m ⊛_W x
     gy_ptr,  # [B, O, Ho, Wo]
     taps_ptr, rows_ptr, cols_ptr,
     alpha_ptr,  # [F, C, O] float32
-    grad_resp_ptr,  # [B, F, C, Ho*Wo] float32, written: G = αᵀ·gy
+    grad_resp_ptr,  # [B, F, C, Ho, Wo] float32, written: G = αᵀ·gy
     alpha_part_ptr,  # [SPLIT, F_PAD, C, O] float32 partial sums of grad α
-    basis_part_ptr,  # [n_iblocks, SPLIT, F_PAD, K, K] float32 partial sums of grad B_f(a, c)
-    B, C, H, W, O, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
-    K: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-    NEED_ALPHA: tl.constexpr, NEED_BASIS: tl.constexpr, NEED_GRAD_RESP: tl.constexpr,
+    col_part_ptr,  # [n_iblocks, SPLIT, F_PAD, K_PAD] float32: Σ G_f · V_l(f) at column shift c
+    row_part_ptr,  # [n_iblocks, SPLIT, F_PAD, K_PAD] float32: Σ G_f · H_m(f) at row shift a
+    B, L, C, H, W, O, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
+    K: tl.constexpr, K_PAD: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, NEED_ALPHA: tl.constexpr, NEED_TAPS: tl.constexpr, NEED_GRAD_RESP: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     ib = tl.program_id(0)
@@ -155,9 +212,11 @@ def _srf_bwd_weights_kernel(
     mask_o = offs_o < O
     fs, mask_f, rows, cols = _basis_pairs(rows_ptr, cols_ptr, F, F_PAD)
     al = _alpha_tile(alpha_ptr, fs, mask_f, offs_i, mask_i, offs_o, mask_o, C, O)
-    al2t = tl.trans(tl.reshape(al, (F_PAD * BLOCK_I, BLOCK_O)))  # [BLOCK_O, F_PAD*BLOCK_I]
+    al2t = tl.trans(tl.reshape(al, (F_PAD * BLOCK_I, BLOCK_O)))  # [BLOCK_O, F_PAD·BLOCK_I]
     alpha_acc = tl.zeros((F_PAD * BLOCK_I, BLOCK_O), dtype=tl.float32)
-    basis_base = basis_part_ptr + ((ib * SPLIT + split) * F_PAD + fs) * K * K  # [F_PAD]
+    shifts = tl.arange(0, K_PAD)
+    col_acc = tl.zeros((F_PAD, K_PAD), dtype=tl.float32)
+    row_acc = tl.zeros((F_PAD, K_PAD), dtype=tl.float32)
 
     for item in range(split, B * tl.cdiv(Ho * Wo, BLOCK_P), SPLIT):
         b, offs_p, mask_p, ho, wo = _pixel_block(item, Ho * Wo, Wo, BLOCK_P)
@@ -177,74 +236,48 @@ def _srf_bwd_weights_kernel(
                 mask=mask_f[:, None, None] & mask_p[None, :, None] & mask_i[None, None, :],
             )
         resp = tl.zeros((F_PAD, BLOCK_P, BLOCK_I), dtype=tl.float32)
-        for a in range(K):
-            for c in range(K):
-                xv = _shifted_input(x_ptr, b, offs_i, mask_i, ho, wo, mask_p, a, c, C, H, W,
-                                    stride_h, stride_w, pad_h, pad_w)
-                if NEED_ALPHA:
-                    weights = _basis_weights(taps_ptr, rows, cols, mask_f, a, c, K)
-                    resp += weights[:, None, None] * xv[None, :, :]
-                if NEED_BASIS:
-                    # This program owns its slot of the partial buffer: load, add, store.
-                    part = tl.sum(tl.sum(grad_resp * xv[None, :, :], axis=2), axis=1)  # [F_PAD]
-                    slot = basis_base + a * K + c
-                    tl.store(slot, tl.load(slot, mask=mask_f, other=0.0) + part, mask=mask_f)
+        for c in range(K):  # column shifts of V: R_f for α, and the column-tap gradient
+            w, ok = _shift(wo, c, W, stride_w, pad_w, False)
+            tile = _slot_tile(v_ptr, b, rows, mask_f, offs_i, mask_i, ho, w, ok & mask_p, L, C, Ho, W)
+            if NEED_ALPHA:
+                resp += tl.load(taps_ptr + cols * K + c, mask=mask_f, other=0.0)[:, None, None] * tile
+            if NEED_TAPS:
+                dot_c = tl.sum(tl.sum(grad_resp * tile, axis=2), axis=1)  # [F_PAD]
+                col_acc += tl.where(shifts[None, :] == c, dot_c[:, None], 0.0)
+        if NEED_TAPS:
+            for a in range(K):  # row shifts of H: the row-tap gradient
+                h, ok = _shift(ho, a, H, stride_h, pad_h, False)
+                tile = _slot_tile(h_ptr, b, cols, mask_f, offs_i, mask_i, h, wo, ok & mask_p, L, C, H, Wo)
+                dot_a = tl.sum(tl.sum(grad_resp * tile, axis=2), axis=1)
+                row_acc += tl.where(shifts[None, :] == a, dot_a[:, None], 0.0)
         if NEED_ALPHA:
-            resp2t = tl.trans(tl.reshape(tl.permute(resp, (1, 0, 2)), (BLOCK_P, F_PAD * BLOCK_I)))
-            alpha_acc += tl.dot(resp2t, gy, input_precision=PRECISION)
+            alpha_acc += tl.dot(tl.trans(_flat(resp, BLOCK_P, F_PAD * BLOCK_I)), gy, input_precision=PRECISION)
     if NEED_ALPHA:
-        acc3 = tl.reshape(alpha_acc, (F_PAD, BLOCK_I, BLOCK_O))
         tl.store(
             alpha_part_ptr + ((split * F_PAD + fs[:, None, None]) * C + offs_i[None, :, None]) * O
             + offs_o[None, None, :],
-            acc3,
-            mask=mask_f[:, None, None] & mask_i[None, :, None] & mask_o[None, None, :],
+            tl.reshape(alpha_acc, (F_PAD, BLOCK_I, BLOCK_O)),
+            mask=mask_i[None, :, None] & mask_o[None, None, :],
         )
-
-
-@triton.jit
-def _srf_bwd_input_kernel(
-    grad_resp_ptr,  # [B, F, C, Ho*Wo] float32
-    taps_ptr, rows_ptr, cols_ptr,
-    grad_x_ptr,  # [B, C, H, W]
-    C, H, W, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
-    K: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr,
-):
-    """grad_x[i, h, w] = Σ_f Σ_(a,c) B_f(a, c) · G[f, i, (h + pH - a)/sH, (w + pW - c)/sW] (exact divisions only)."""
-    b, offs_p, mask_p, h, w = _pixel_block(tl.program_id(0), H * W, W, BLOCK_P)
-    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask_i = offs_i < C
-    fs, mask_f, rows, cols = _basis_pairs(rows_ptr, cols_ptr, F, F_PAD)
-    acc = tl.zeros((BLOCK_P, BLOCK_I), dtype=tl.float32)
-    for a in range(K):
-        hs = h + pad_h - a
-        ho = hs // stride_h
-        row_ok = mask_p & (hs >= 0) & (hs % stride_h == 0) & (ho < Ho)
-        for c in range(K):
-            ws = w + pad_w - c
-            wo = ws // stride_w
-            ok = row_ok & (ws >= 0) & (ws % stride_w == 0) & (wo < Wo)
-            g = tl.load(
-                grad_resp_ptr + ((b * F + fs[:, None, None]) * C + offs_i[None, None, :]) * Ho * Wo
-                + (ho * Wo + wo)[None, :, None],
-                mask=mask_f[:, None, None] & ok[None, :, None] & mask_i[None, None, :],
-                other=0.0,
-            )
-            weights = _basis_weights(taps_ptr, rows, cols, mask_f, a, c, K)
-            acc += tl.sum(weights[:, None, None] * g, axis=0)
-    tl.store(
-        grad_x_ptr + ((b * C + offs_i[None, :]) * H + h[:, None]) * W + w[:, None],
-        acc.to(grad_x_ptr.dtype.element_ty),
-        mask=mask_p[:, None] & mask_i[None, :],
-    )
+    if NEED_TAPS:
+        part = ((ib * SPLIT + split) * F_PAD + fs[:, None]) * K_PAD + shifts[None, :]
+        tl.store(col_part_ptr + part, col_acc)
+        tl.store(row_part_ptr + part, row_acc)
 
 
 # --- host functions ---------------------------------------------------------
 
 _BLOCK_P = 32
-_BLOCK_I = 16
-_SPLIT = 32
+_PASS_BLOCK = 256
+
+
+def _block_i(f_pad: int, block_o: int, budget: int) -> int:
+    """Input channels per tile, so that the register tiles fit (ptxas for sm_90: no spills at order 2).
+
+    ``budget`` bounds F_PAD·BLOCK_O for 16 channels (forward 512, backward 256,
+    which holds more); ``tl.dot`` needs F_PAD·BLOCK_I >= 16.
+    """
+    return max(16 if f_pad * block_o <= budget else 8, 16 // f_pad)
 
 
 def _precision() -> str:
@@ -252,33 +285,73 @@ def _precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _geometry(input, taps, alpha, order, stride, padding):
+@functools.lru_cache(maxsize=None)
+def _terms(order: int, kind: str, device: torch.device) -> torch.Tensor:
+    """(source slot, output slot, tap row) of each pass, as int32 on ``device`` (cached: no copies per call).
+
+    ``taps``: one input plane to the N+1 tap rows (V or H); ``responses``: G_f to
+    gV_l(f) through b_m(f); ``rows``: gV_l to the one input plane through b_l.
+    """
+    pairs = [(l, m) for l in range(order + 1) for m in range(order - l, -1, -1)]
+    terms = {
+        "taps": [(0, n, n) for n in range(order + 1)],
+        "responses": [(f, l, m) for f, (l, m) in enumerate(pairs)],
+        "rows": [(l, 0, l) for l in range(order + 1)],
+    }[kind]
+    return torch.tensor(terms, dtype=torch.int32).to(device)
+
+
+def _one_d_pass(src, taps, order, kind, out_slots, out_size, stride, pad, axis, transposed, dtype=torch.float32):
+    """One 1-D pass (``_pass_kernel``) of ``src [B, S, C, Y, X]`` into ``[B, out_slots, C, *out_size]``."""
+    batch, slots, channels, y_in, x_in = src.shape
+    out = torch.empty(batch, out_slots, channels, *out_size, device=src.device, dtype=dtype)
+    terms = _terms(order, kind, src.device)
+    grid = (batch, triton.cdiv(channels * out_size[0] * out_size[1], _PASS_BLOCK))
+    _pass_kernel[grid](
+        src, taps, terms, out, terms.shape[0], slots, out_slots, channels, y_in, x_in, *out_size, stride, pad,
+        K=taps.shape[1], AXIS=axis, TRANSPOSED=transposed, J_PAD=triton.next_power_of_2(out_slots), BLOCK=_PASS_BLOCK,
+    )
+    return out
+
+
+def _geometry(input, taps, alpha, stride, padding):
     batch, c_in, height, width = input.shape
-    order1, k = taps.shape
-    n_basis, _, c_out = alpha.shape
+    k = taps.shape[1]
     out_h = (height + 2 * padding[0] - k) // stride[0] + 1
     out_w = (width + 2 * padding[1] - k) // stride[1] + 1
-    rows, cols = pair_index(order, input.device)
-    f_pad = max(triton.next_power_of_2(n_basis), 1)
-    return batch, c_in, height, width, c_out, k, out_h, out_w, n_basis, f_pad, rows, cols
+    return batch, c_in, height, width, alpha.shape[2], k, out_h, out_w
+
+
+def _row_pass(x, taps, order, stride, padding, out_h):
+    """V_l = b_l ⊛_H x with rows strided: ``[B, N+1, C, Ho, W]``."""
+    return _one_d_pass(x[:, None], taps, order, "taps", order + 1, (out_h, x.shape[3]), stride[0], padding[0], 0, False)
 
 
 def forward(input, taps, alpha, order, stride, padding):
     """Output ``[B, C_out, Ho, Wo]`` (input dtype); taps and α are used in float32."""
     x = input.contiguous()
     taps32, alpha32 = taps.float().contiguous(), alpha.float().contiguous()
-    batch, c_in, height, width, c_out, k, out_h, out_w, n_basis, f_pad, rows, cols = _geometry(
-        x, taps32, alpha32, order, stride, padding
-    )
+    batch, c_in, height, width, c_out, k, out_h, out_w = _geometry(x, taps32, alpha32, stride, padding)
+    n_basis = alpha.shape[0]
+    rows, cols = pair_index(order, x.device)
+    v = _row_pass(x, taps32, order, stride, padding, out_h)
     out = torch.empty(batch, c_out, out_h, out_w, device=x.device, dtype=x.dtype)
     block_o = min(max(triton.next_power_of_2(c_out), 16), 64)
+    f_pad = triton.next_power_of_2(n_basis)
     grid = (batch * triton.cdiv(out_h * out_w, _BLOCK_P), triton.cdiv(c_out, block_o))
     _srf_fwd_kernel[grid](
-        x, taps32, rows, cols, alpha32, out,
-        c_in, height, width, c_out, out_h, out_w, stride[0], stride[1], padding[0], padding[1],
-        K=k, F=n_basis, F_PAD=f_pad, PRECISION=_precision(), BLOCK_P=_BLOCK_P, BLOCK_I=_BLOCK_I, BLOCK_O=block_o,
+        v, taps32, rows, cols, alpha32, out,
+        order + 1, c_in, width, c_out, out_h, out_w, stride[1], padding[1],
+        K=k, F=n_basis, F_PAD=f_pad, PRECISION=_precision(),
+        BLOCK_P=_BLOCK_P, BLOCK_I=_block_i(f_pad, block_o, 512), BLOCK_O=block_o,
     )
     return out
+
+
+def _split(n_iblocks: int, n_items: int, device: torch.device) -> int:
+    """Item slices per input-channel block: about four programs per SM, at most 64 (partial buffers stay small)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(1, min(64, n_items, triton.cdiv(4 * sms, n_iblocks)))
 
 
 def backward(grad_out, input, taps, alpha, order, stride, padding, needs):
@@ -287,42 +360,46 @@ def backward(grad_out, input, taps, alpha, order, stride, padding, needs):
     x = input.contiguous()
     gy = grad_out.contiguous()
     taps32, alpha32 = taps.float().contiguous(), alpha.float().contiguous()
-    batch, c_in, height, width, c_out, k, out_h, out_w, n_basis, f_pad, rows, cols = _geometry(
-        x, taps32, alpha32, order, stride, padding
-    )
-    block_o = max(triton.next_power_of_2(c_out), 16)
-    n_iblocks = triton.cdiv(c_in, _BLOCK_I)
+    batch, c_in, height, width, c_out, k, out_h, out_w = _geometry(x, taps32, alpha32, stride, padding)
+    n_basis = alpha.shape[0]
+    f_pad, k_pad = triton.next_power_of_2(n_basis), triton.next_power_of_2(k)
+    rows, cols = pair_index(order, x.device)
     dev = x.device
-    grad_resp = torch.empty(batch, n_basis, c_in, out_h * out_w, device=dev) if need_input else torch.empty(1, device=dev)
-    alpha_part = torch.zeros(_SPLIT, f_pad, c_in, c_out, device=dev) if need_alpha else torch.empty(1, device=dev)
-    basis_part = torch.zeros(n_iblocks, _SPLIT, f_pad, k, k, device=dev) if need_taps else torch.empty(1, device=dev)
-    _srf_bwd_weights_kernel[(n_iblocks, _SPLIT)](
-        x, gy, taps32, rows, cols, alpha32, grad_resp, alpha_part, basis_part,
-        batch, c_in, height, width, c_out, out_h, out_w, stride[0], stride[1], padding[0], padding[1],
-        K=k, F=n_basis, F_PAD=f_pad, SPLIT=_SPLIT, PRECISION=_precision(),
-        NEED_ALPHA=need_alpha, NEED_BASIS=need_taps, NEED_GRAD_RESP=need_input,
-        BLOCK_P=_BLOCK_P, BLOCK_I=_BLOCK_I, BLOCK_O=block_o,
+    block_o = max(triton.next_power_of_2(c_out), 16)
+    block_i = _block_i(f_pad, block_o, 256)
+    n_iblocks = triton.cdiv(c_in, block_i)
+    split = _split(n_iblocks, batch * triton.cdiv(out_h * out_w, _BLOCK_P), dev)
+    unused = torch.empty(1, device=dev)
+
+    v = _row_pass(x, taps32, order, stride, padding, out_h)
+    h = (_one_d_pass(x[:, None], taps32, order, "taps", order + 1, (height, out_w), stride[1], padding[1], 1, False)
+         if need_taps else unused)
+    grad_resp = torch.empty(batch, n_basis, c_in, out_h, out_w, device=dev) if need_input else unused
+    alpha_part = torch.empty(split, f_pad, c_in, c_out, device=dev) if need_alpha else unused
+    col_part, row_part = (torch.empty(2, n_iblocks, split, f_pad, k_pad, device=dev) if need_taps else (unused, unused))
+    _srf_bwd_weights_kernel[(n_iblocks, split)](
+        v, h, gy, taps32, rows, cols, alpha32, grad_resp, alpha_part, col_part, row_part,
+        batch, order + 1, c_in, height, width, c_out, out_h, out_w, stride[0], stride[1], padding[0], padding[1],
+        K=k, K_PAD=k_pad, F=n_basis, F_PAD=f_pad, SPLIT=split, PRECISION=_precision(),
+        NEED_ALPHA=need_alpha, NEED_TAPS=need_taps, NEED_GRAD_RESP=need_input,
+        BLOCK_P=_BLOCK_P, BLOCK_I=block_i, BLOCK_O=block_o,
         # α's tile [F_PAD, BLOCK_I, C_out] stays in registers: more warps for wide layers.
-        num_warps=8 if block_o >= 128 else 4,
+        num_warps=min(16, max(4, block_o // 8)),
     )
     grad_input = grad_taps = grad_alpha = None
     if need_alpha:
         grad_alpha = alpha_part.sum(0)[:n_basis].to(alpha.dtype)
     if need_taps:
-        grad_basis = basis_part.sum((0, 1))[:n_basis]  # [F, K, K]: dL/dB_f(a, c)
-        # B_f = b_l ⊗ b_m: each tap collects its row role and its column role.
-        row_grad = torch.einsum("fac,fc->fa", grad_basis, taps32[cols])
-        col_grad = torch.einsum("fac,fa->fc", grad_basis, taps32[rows])
-        grad_taps = torch.zeros_like(taps32).index_add_(0, rows, row_grad).index_add_(0, cols, col_grad)
+        # Basis f = (l, m) hands its column-shift sums to tap row m and its row-shift sums to row l.
+        col_grad = col_part.sum((0, 1))[:n_basis, :k]
+        row_grad = row_part.sum((0, 1))[:n_basis, :k]
+        grad_taps = torch.zeros_like(taps32).index_add_(0, cols, col_grad).index_add_(0, rows, row_grad)
         grad_taps = grad_taps.to(taps.dtype)
     if need_input:
-        grad_input = torch.empty_like(x)
-        grid = (batch * triton.cdiv(height * width, _BLOCK_P), n_iblocks)
-        _srf_bwd_input_kernel[grid](
-            grad_resp, taps32, rows, cols, grad_input,
-            c_in, height, width, out_h, out_w, stride[0], stride[1], padding[0], padding[1],
-            K=k, F=n_basis, F_PAD=f_pad, BLOCK_P=_BLOCK_P, BLOCK_I=_BLOCK_I,
-        )
+        grad_v = _one_d_pass(grad_resp, taps32, order, "responses", order + 1, (out_h, width),
+                             stride[1], padding[1], 1, True)
+        grad_input = _one_d_pass(grad_v, taps32, order, "rows", 1, (height, width),
+                                 stride[0], padding[0], 0, True, dtype=x.dtype)[:, 0]
     return grad_input, grad_taps, grad_alpha
 
 

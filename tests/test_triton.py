@@ -25,6 +25,8 @@ CASES = [
     (1, 4, 3, 11, 10, 1, 0.5, 2, "valid"),
     (2, 2, 4, 6, 7, 3, -0.8, (2, 1), "same"),
     (1, 17, 18, 5, 5, 2, -1.5, 1, 1),  # more channels than one block (16)
+    (1, 3, 4, 8, 9, 0, 0.3, (1, 2), "same"),  # order 0: one basis function
+    (1, 2, 3, 9, 8, 4, 1.8, 2, "same"),  # order 4 (F = 15) and σ = 3.5: K = 17 > 16
 ]
 
 
