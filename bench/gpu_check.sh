@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU call: versions, GPU tests, then the GPU benchmarks; JSON and logs in $OUT.
-#   run (device tool): bash bench/gpu_check.sh      (about 5-8 minutes on an H100)
+# One GPU call: versions, GPU tests, a kernel profile, then the GPU benchmarks; JSON and logs in $OUT.
+#   run (device tool): bash bench/gpu_check.sh      (about 5 minutes on an H100)
 # The GPU machine has torch, torchdiffeq, pytest and pytest-benchmark but no
 # network: the package is used from the checkout (PYTHONPATH), not installed.
 set -uo pipefail
@@ -19,14 +19,15 @@ status=0
 } > "$OUT/versions.txt" 2>&1
 
 # Each stage is bounded and runs whatever the one before did: a failing test still leaves numbers to read.
-timeout 100 python -m pytest -q tests/test_gpu.py tests/test_triton.py > "$OUT/tests.log" 2>&1 || status=1
+timeout 100 python -m pytest -q tests/test_gpu.py tests/test_triton.py tests/test_module.py > "$OUT/tests.log" 2>&1 || status=1
 tail -3 "$OUT/tests.log"
-
-timeout 170 python -m pytest bench/test_layer_gpu.py --benchmark-only -q -k "both or forward" \
+timeout 40 python bench/profile_layer.py > "$OUT/profile.txt" 2>&1 || status=1
+timeout 200 python -m pytest bench/test_layer_gpu.py --benchmark-only -q \
   --benchmark-json "$OUT/layer-gpu.json" > "$OUT/layer-gpu.log" 2>&1 || status=1
 python bench/report.py "$OUT/layer-gpu.json" > "$OUT/layer-gpu.md" 2>&1 || true
-timeout 100 python -m pytest bench/test_model_step.py --benchmark-only -q -p no:cacheprovider --rootdir bench \
+timeout 120 python -m pytest bench/test_model_step.py --benchmark-only -q -p no:cacheprovider --rootdir bench \
   -k "dcn-ode or odenet" --benchmark-json "$OUT/models-gpu.json" > "$OUT/models-gpu.log" 2>&1 || status=1
 python bench/report_models.py "$OUT/models-gpu.json" > "$OUT/models-gpu.md" 2>&1 || true
-cat "$OUT"/*.md
+cat "$OUT/profile.txt" "$OUT"/*.md
+grep -E "FAILED|Error" "$OUT"/*.log | head -20
 exit $status

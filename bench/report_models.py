@@ -18,12 +18,13 @@ def main(argv: list[str] | None = None) -> None:
     published = next((t for info, t in rows if info["model"] == "published-dcn-ode"), None)
     print(f"Machine: {machine.get('gpu') or machine.get('cpu_model')}, torch {machine.get('torch')}, "
           f"{machine.get('torch_threads')} threads, commit {machine.get('commit')}; batch {rows[0][0]['batch']}\n")
-    print("| model | gradient | s / step | vs published | NFE fwd / bwd | peak MiB |")
-    print("|---|---|---|---|---|---|")
+    print("| model | gradient | backend | s / step | vs published | NFE fwd / bwd | peak MiB |")
+    print("|---|---|---|---|---|---|---|")
     for info, t in rows:
         speedup = f"{published / t:.1f}×" if published else "–"
         mem = f"{info['peak_memory_mib']:.0f}" if info.get("peak_memory_mib") else "–"
-        print(f"| {info['model']} | {'adjoint' if info['adjoint'] else 'backprop'} | {t:.2f} | {speedup} | "
+        print(f"| {info['model']} | {'adjoint' if info['adjoint'] else 'backprop'} | {info.get('backend', 'auto')} | "
+              f"{t:.2f} | {speedup} | "
               f"{info['nfe_forward']} / {info['nfe_backward']} | {mem} |")
 
 

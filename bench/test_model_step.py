@@ -39,7 +39,7 @@ def test_sgd_step(benchmark, batch, name, adjoint):
         model = published_dcn_ode(adjoint=adjoint)
     else:
         torch.manual_seed(0)
-        model = build(name, adjoint=adjoint)
+        model = build(name, adjoint=adjoint, backend=backend)
     model.to(DEVICE)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -65,7 +65,7 @@ def test_sgd_step(benchmark, batch, name, adjoint):
     benchmark.group = "sgd step"
     benchmark.pedantic(step, setup=setup, rounds=3, warmup_rounds=1 if DEVICE.type == "cuda" else 0)
     benchmark.extra_info.update(
-        model=name, adjoint=adjoint, batch=BATCH, device=str(DEVICE),
+        model=name, adjoint=adjoint, backend=backend, batch=BATCH, device=str(DEVICE),
         nfe_forward=nfe["forward"], nfe_backward=nfe["backward"],
         peak_memory_mib=torch.cuda.max_memory_allocated() / 2**20 if DEVICE.type == "cuda" else None,
     )

@@ -117,7 +117,17 @@ def srf_taps(scale: torch.Tensor, order: int, radius: int, truncate: float | Non
     Returns:
         ``[*S, order + 1, 2 * radius + 1]``, ``b_n(x) = (-1/√2)^n H_n(x/(√2σ)) ĝ(x)``.
         Differentiable in ``scale`` through the closed-form tap gradient.
+
+    A float32 ``scale`` on CUDA takes one Triton launch (``kernels/srf_taps.py``)
+    instead of ~45 small PyTorch kernels; float64 and CPU stay here.
     """
+    if scale.is_cuda and scale.dtype == torch.float32:
+        try:
+            from .kernels.srf_taps import srf_taps_triton
+        except ImportError:  # no Triton: the PyTorch construction below serves
+            pass
+        else:
+            return srf_taps_triton(scale, order, radius, truncate)
     return _SRFTaps.apply(scale, order, radius, truncate)
 
 

@@ -42,7 +42,7 @@ def truncation_radius(scale: torch.Tensor, truncate: float) -> int:
     return int(_radius_tensor(scale, truncate).item())
 
 
-def _checked_radius(scale: torch.Tensor, truncate: float, kernel_size: int | None) -> int:
+def checked_radius(scale: torch.Tensor, truncate: float, kernel_size: int | None) -> int:
     """Tap radius for ``scale``, after checking it is finite and within the cap: one host read."""
     s = scale.detach()
     low, high, radius = torch.stack([s.min(), s.max(), _radius_tensor(s, truncate).to(s.dtype)]).tolist()
@@ -74,7 +74,7 @@ def srf_taps_for(
     check_options(order=order, truncate=truncate, stride=1, padding="same", groups=1, kernel_size=kernel_size)
     if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
         raise TypeError(f"scale must be a floating-point torch.Tensor, got {type(scale).__name__}")
-    radius = _checked_radius(scale, truncate, kernel_size)
+    radius = checked_radius(scale, truncate, kernel_size)
     return srf_taps(scale, order, radius, truncate if kernel_size is None else None)
 
 
@@ -155,7 +155,7 @@ def _validate(input, scale, alpha, order, truncate, stride, padding, groups, bia
     if sharing == "pair" and kernel_size is None:
         raise ValueError("one σ per (output, input) pair needs a fixed kernel_size (published σ^ji: 7)")
     if taps is None:
-        radius = _checked_radius(scale, truncate, kernel_size)
+        radius = checked_radius(scale, truncate, kernel_size)
     else:
         radius = taps.shape[-1] // 2
         expected = (*scale.shape, order + 1, 2 * radius + 1)
@@ -277,9 +277,14 @@ def srf_conv2d(
         taps = srf_taps(scale.to(dtype), order, spec.radius, truncate if kernel_size is None else None)
     taps = taps.to(dtype)
     # The passes run in the promoted dtype of the inputs: autocast would recast
-    # their grouped 1-D convolutions, which oneDNN cannot run in bf16.
+    # their grouped 1-D convolutions, which oneDNN cannot run in bf16. The Triton
+    # kernels read the input in the autocast dtype (as cuDNN would), keep taps
+    # and α in float32, accumulate in float32 and return the autocast dtype.
     device = input.device.type
-    no_autocast = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
+    autocast = torch.is_autocast_enabled(device)
+    if autocast and name == "triton" and input.dtype == torch.float32:
+        input = input.to(torch.get_autocast_dtype(device))
+    no_autocast = torch.autocast(device, enabled=False) if autocast else nullcontext()
     with no_autocast:
         if spec.sharing != "layer":
             taps = taps.reshape(alpha.shape[2], -1, *taps.shape[-2:])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .basis import num_basis
-from .functional import BACKENDS, IntPair, Padding, check_options, srf_conv2d, srf_taps_for, truncation_radius
+from .basis import num_basis, srf_taps
+from .functional import BACKENDS, IntPair, Padding, check_options, checked_radius, srf_conv2d, truncation_radius
 from .separable import dense_filters
 
 __all__ = ["SRFConv2d", "SCALE_SHARING"]
@@ -104,6 +104,8 @@ class SRFConv2d(nn.Module):
         scale_shape = {"layer": (1,), "channel": (out_channels,), "pair": (out_channels, in_channels // groups)}
         self.scale = nn.Parameter(torch.empty(scale_shape[scale_sharing], **factory), requires_grad=learn_scale)
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self._radius_key: tuple[int, int] | None = None  # (version, address) of scale when _radius was read
+        self._radius = 0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -135,6 +137,21 @@ class SRFConv2d(nn.Module):
         k = 2 * self.radius + 1
         return (k, k)
 
+    def taps(self) -> torch.Tensor:
+        """The 1-D taps ``[*scale.shape, order+1, K]`` for the current σ (differentiable in ``scale``).
+
+        σ is read back to the host (for K) only when ``scale`` changed since the
+        last call (its version counter moves with every in-place update: an
+        optimizer step, ``load_state_dict``): between updates a forward needs no
+        host sync, so it can be captured in a CUDA graph.
+        """
+        key = (self.scale._version, self.scale.data_ptr())
+        if self._radius_key != key:
+            self._radius = checked_radius(self.scale, self.truncate, self.fixed_kernel_size)
+            self._radius_key = key
+        truncate = self.truncate if self.fixed_kernel_size is None else None
+        return srf_taps(self.scale, self.order, self._radius, truncate)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return srf_conv2d(
             input,
@@ -148,13 +165,12 @@ class SRFConv2d(nn.Module):
             bias=self.bias,
             kernel_size=self.fixed_kernel_size,
             backend=self.backend,
+            taps=self.taps(),
         )
 
     def filters(self) -> torch.Tensor:
         """The dense filters ``[C_out, C_in/groups, K, K]`` (differentiable)."""
-        taps = srf_taps_for(
-            self.scale, order=self.order, truncate=self.truncate, kernel_size=self.fixed_kernel_size
-        )
+        taps = self.taps()
         if self.scale_sharing == "layer":
             taps = taps.reshape(taps.shape[-2:])
         else:

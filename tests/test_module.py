@@ -125,3 +125,24 @@ def test_forward_errors_name_the_argument():
         layer.scale.fill_(float("nan"))
     with pytest.raises(ValueError, match="scale .* must be finite"):
         layer(torch.randn(1, 3, 8, 8))
+
+
+def test_scale_is_read_back_only_after_it_changed(monkeypatch):
+    """Between updates of σ a forward reuses the radius (no host sync); an in-place step refreshes it."""
+    import dcn_fast.modules as modules
+
+    reads = []
+    real = modules.checked_radius
+    monkeypatch.setattr(modules, "checked_radius", lambda *a: reads.append(1) or real(*a))
+    torch.manual_seed(0)
+    layer = SRFConv2d(3, 4, init_scale=0.0, learn_scale=True)
+    x = torch.randn(2, 3, 20, 20)
+    layer(x), layer(x)
+    assert len(reads) == 1
+    with torch.no_grad():
+        layer.scale.add_(1.3)  # σ grows: a larger kernel
+    out = layer(x)
+    assert len(reads) == 2
+    want = srf_conv2d(x, layer.scale, layer.alpha, backend="reference")
+    assert out.shape == want.shape
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
