@@ -51,6 +51,12 @@ def supports(input: torch.Tensor, alpha: torch.Tensor, groups: int) -> str | Non
         return f"more than {MAX_OUT_CHANNELS} output channels"
     if input.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {input.dtype} (float32, float16, bfloat16 only)"
+    # The kernels index in int32; the largest buffer is G [B, F, C_in, Ho, Wo] (Ho, Wo <= H, W).
+    batch, c_in, height, width = input.shape
+    if batch > 65535:
+        return "batch > 65535 (a grid dimension of the 1-D passes)"
+    if batch * triton.next_power_of_2(alpha.shape[0]) * c_in * height * width >= 2**31:
+        return "more than 2^31 elements in the response gradient [B, F, C_in, H, W] (split the batch)"
     return None
 
 
@@ -80,8 +86,8 @@ def _pass_kernel(
     K: tl.constexpr, AXIS: tl.constexpr, TRANSPOSED: tl.constexpr, J_PAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """dst[b, j] = Σ_(s, j, n) Σ_t taps[n, t] · src[b, s] shifted by t along AXIS (0: rows, 1: columns)."""
-    b = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b = tl.program_id(1)
     mask = offs < C * Y_out * X_out
     ch = offs // (Y_out * X_out)
     y = (offs // X_out) % Y_out
@@ -306,7 +312,7 @@ def _one_d_pass(src, taps, order, kind, out_slots, out_size, stride, pad, axis, 
     batch, slots, channels, y_in, x_in = src.shape
     out = torch.empty(batch, out_slots, channels, *out_size, device=src.device, dtype=dtype)
     terms = _terms(order, kind, src.device)
-    grid = (batch, triton.cdiv(channels * out_size[0] * out_size[1], _PASS_BLOCK))
+    grid = (triton.cdiv(channels * out_size[0] * out_size[1], _PASS_BLOCK), batch)  # grid dims 1, 2 stop at 65535
     _pass_kernel[grid](
         src, taps, terms, out, terms.shape[0], slots, out_slots, channels, y_in, x_in, *out_size, stride, pad,
         K=taps.shape[1], AXIS=axis, TRANSPOSED=transposed, J_PAD=triton.next_power_of_2(out_slots), BLOCK=_PASS_BLOCK,

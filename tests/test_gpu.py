@@ -77,11 +77,39 @@ def test_triton_layer_in_a_cuda_graph():
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
-def test_triton_dtypes_at_block_shapes(dtype, tol):
+@pytest.mark.parametrize("sigma_scale, stride", [(1.0, 2), (-1.0, 1), (2.0, 1)])
+def test_triton_dtypes_at_block_shapes(dtype, tol, sigma_scale, stride):
+    """float32 directly, bf16/fp16 under autocast (float32 taps and α, float32 accumulation); all gradients."""
     torch.manual_seed(0)
     x = torch.randn(16, 65, 15, 15, dtype=torch.float64)
     a = 0.1 * torch.randn(6, 65, 64, dtype=torch.float64)
-    s = torch.tensor([1.0], dtype=torch.float64)
-    want = srf_conv2d(x, s, a, stride=2, backend="reference")
-    got = srf_conv2d(x.to(DEV, dtype), s.to(DEV), a.to(DEV), stride=2, backend="triton")
+    s = torch.tensor([sigma_scale], dtype=torch.float64)
+    wide = [t.clone().requires_grad_() for t in (x, s, a)]
+    want = srf_conv2d(*wide, stride=stride, backend="reference")
+    grad = torch.randn_like(want)
+    expected = torch.autograd.grad(want, wide, grad)
+    ours = [t.to(DEV, torch.float32).requires_grad_() for t in (x, s, a)]
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        got = srf_conv2d(*ours, stride=stride, backend="triton")
     assert got.dtype == dtype and rel_err(got.cpu(), want) < tol
+    grads = torch.autograd.grad(got, ours, grad.to(DEV, dtype))
+    for name, g, e in zip(("input", "scale", "alpha"), grads, expected):
+        assert rel_err(g.cpu(), e) < tol, name
+
+
+def test_triton_module_forward_and_backward_in_cuda_graphs():
+    """SRFConv2d (triton) through torch.cuda.make_graphed_callables: replays match eager, gradients included."""
+    from dcn_fast import SRFConv2d
+
+    torch.manual_seed(0)
+    layer = SRFConv2d(33, 32, backend="triton", device=DEV)
+    x = torch.randn(8, 33, 30, 30, device=DEV, requires_grad=True)
+    graphed = torch.cuda.make_graphed_callables(layer, (x,))
+    x2 = torch.randn_like(x, requires_grad=True)
+    out = graphed(x2)
+    grads = torch.autograd.grad(out.square().sum(), (x2, layer.scale, layer.alpha))
+    eager = srf_conv2d(x2, layer.scale, layer.alpha, backend="separable")
+    expected = torch.autograd.grad(eager.square().sum(), (x2, layer.scale, layer.alpha))
+    assert rel_err(out, eager) < 1e-4
+    for g, e in zip(grads, expected):
+        assert rel_err(g, e) < 1e-4

@@ -131,3 +131,13 @@ def test_autocast_reads_the_input_in_bfloat16():
     assert rel_err(out, want) < 1e-2  # bf16 output rounding; the input is exact in bf16 here
     out.float().sum().backward()
     assert x.grad.dtype == torch.float32 and a.grad.dtype == torch.float32 and torch.isfinite(s.grad).all()
+
+
+def test_sizes_past_the_kernels_indexing_are_refused():
+    """int32 offsets and grid limits: such calls are named and refused, never run wrong (shapes on 'meta')."""
+    from dcn_fast.kernels.srf_conv2d import supports
+
+    alpha = torch.empty(6, 256, 8, device="meta")
+    assert supports(torch.empty(128, 256, 64, 64, device="meta"), alpha, 1) is None
+    assert "2^31" in supports(torch.empty(1024, 256, 64, 64, device="meta"), alpha, 1)
+    assert "batch > 65535" in supports(torch.empty(70000, 256, 1, 1, device="meta"), alpha, 1)
