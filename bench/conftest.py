@@ -26,4 +26,11 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["torch_threads"] = torch.get_num_threads()
     machine_info["cpu_model"] = _cpu_model()
     machine_info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    machine_info["cuda"] = torch.version.cuda
+    try:
+        import triton
+
+        machine_info["triton"] = triton.__version__
+    except ImportError:
+        machine_info["triton"] = None
     machine_info["commit"] = _commit()
