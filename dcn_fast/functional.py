@@ -208,12 +208,12 @@ def resolve_backend(backend: str, input: torch.Tensor, dtype: torch.dtype | None
     return backend
 
 
-def _triton_backend(input, taps, alpha, order, stride, padding, groups):
+def _triton_backend(input, taps, alpha, order, stride, padding, groups, bias):
     try:
         from .kernels.srf_conv2d import srf_conv2d_triton
     except ImportError as exc:  # triton missing or broken
         raise ValueError(f"backend='triton' needs Triton ({type(exc).__name__}: {exc})") from exc
-    return srf_conv2d_triton(input, taps, alpha, order, stride, padding, groups)
+    return srf_conv2d_triton(input, taps, alpha, order, stride, padding, groups, bias)
 
 
 def srf_conv2d(
@@ -291,7 +291,9 @@ def srf_conv2d(
             out = dense_srf_conv2d(input, taps, alpha, order, spec.stride, spec.padding, groups)
         else:
             taps = taps.reshape(taps.shape[-2:])
-            run = {"cpu": ops.srf_conv2d, "separable": separable_srf_conv2d, "triton": _triton_backend}[name]
+            if name == "triton":  # adds the bias in its kernel
+                return _triton_backend(input, taps, alpha, order, spec.stride, spec.padding, groups, bias)
+            run = {"cpu": ops.srf_conv2d, "separable": separable_srf_conv2d}[name]
             out = run(input, taps, alpha, order, spec.stride, spec.padding, groups)
     if bias is not None:
         out = out + bias.to(out.dtype).reshape(1, -1, 1, 1)

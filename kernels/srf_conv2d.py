@@ -168,9 +168,10 @@ def _srf_fwd_kernel(
     rows_ptr,  # [F] int64: l of basis f
     cols_ptr,  # [F] int64: m of basis f
     alpha_ptr,  # [F, C, O] float32
+    bias_ptr,  # [O] float32 (read if HAS_BIAS)
     out_ptr,  # [B, O, Ho, Wo]
     L, C, W, O, Ho, Wo, stride_w, pad_w,
-    K: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    K: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     b, offs_p, mask_p, ho, wo = _pixel_block(tl.program_id(0), Ho * Wo, Wo, BLOCK_P)
@@ -190,6 +191,8 @@ def _srf_fwd_kernel(
         al = _alpha_tile(alpha_ptr, fs, mask_f, offs_i, mask_i, offs_o, mask_o, C, O)
         acc += tl.dot(_flat(resp, BLOCK_P, F_PAD * BLOCK_I), tl.reshape(al, (F_PAD * BLOCK_I, BLOCK_O)),
                       input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0)[None, :]
     out_offs = ((b * O + offs_o[None, :]) * Ho + ho[:, None]) * Wo + wo[:, None]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_o[None, :])
 
@@ -278,12 +281,26 @@ _PASS_BLOCK = 256
 
 
 def _block_i(f_pad: int, block_o: int, budget: int) -> int:
-    """Input channels per tile, so that the register tiles fit (ptxas for sm_90: no spills at order 2).
+    """Input channels per tile, so that the register tiles fit.
 
     ``budget`` bounds F_PAD·BLOCK_O for 16 channels (forward 512, backward 256,
     which holds more); ``tl.dot`` needs F_PAD·BLOCK_I >= 16.
     """
     return max(16 if f_pad * block_o <= budget else 8, 16 // f_pad)
+
+
+def forward_config(c_out: int, f_pad: int) -> dict:
+    """Tile sizes of ``_srf_fwd_kernel`` (tests/test_triton_compile.py: no register spills on sm_90 at order 2)."""
+    block_o = min(max(triton.next_power_of_2(c_out), 16), 64)
+    return dict(BLOCK_P=_BLOCK_P, BLOCK_I=_block_i(f_pad, block_o, 512), BLOCK_O=block_o, num_warps=4)
+
+
+def backward_config(c_out: int, f_pad: int) -> dict:
+    """Tile sizes of ``_srf_bwd_weights_kernel``: all output channels in one tile, so α's
+    ``[F_PAD, BLOCK_I, C_out]`` stays in registers, spread over more warps for wide layers."""
+    block_o = max(triton.next_power_of_2(c_out), 16)
+    return dict(BLOCK_P=_BLOCK_P, BLOCK_I=_block_i(f_pad, block_o, 256), BLOCK_O=block_o,
+                num_warps=min(16, max(4, block_o // 8)))
 
 
 def _precision() -> str:
@@ -333,8 +350,8 @@ def _row_pass(x, taps, order, stride, padding, out_h):
     return _one_d_pass(x[:, None], taps, order, "taps", order + 1, (out_h, x.shape[3]), stride[0], padding[0], 0, False)
 
 
-def forward(input, taps, alpha, order, stride, padding):
-    """Output ``[B, C_out, Ho, Wo]`` (input dtype); taps and α are used in float32."""
+def forward(input, taps, alpha, bias, order, stride, padding):
+    """Output ``[B, C_out, Ho, Wo]`` (input dtype); taps, α and the optional bias are used in float32."""
     x = input.contiguous()
     taps32, alpha32 = taps.float().contiguous(), alpha.float().contiguous()
     batch, c_in, height, width, c_out, k, out_h, out_w = _geometry(x, taps32, alpha32, stride, padding)
@@ -342,14 +359,13 @@ def forward(input, taps, alpha, order, stride, padding):
     rows, cols = pair_index(order, x.device)
     v = _row_pass(x, taps32, order, stride, padding, out_h)
     out = torch.empty(batch, c_out, out_h, out_w, device=x.device, dtype=x.dtype)
-    block_o = min(max(triton.next_power_of_2(c_out), 16), 64)
     f_pad = triton.next_power_of_2(n_basis)
-    grid = (batch * triton.cdiv(out_h * out_w, _BLOCK_P), triton.cdiv(c_out, block_o))
+    config = forward_config(c_out, f_pad)
+    grid = (batch * triton.cdiv(out_h * out_w, _BLOCK_P), triton.cdiv(c_out, config["BLOCK_O"]))
     _srf_fwd_kernel[grid](
-        v, taps32, rows, cols, alpha32, out,
+        v, taps32, rows, cols, alpha32, alpha32 if bias is None else bias.float().contiguous(), out,
         order + 1, c_in, width, c_out, out_h, out_w, stride[1], padding[1],
-        K=k, F=n_basis, F_PAD=f_pad, PRECISION=_precision(),
-        BLOCK_P=_BLOCK_P, BLOCK_I=_block_i(f_pad, block_o, 512), BLOCK_O=block_o,
+        K=k, F=n_basis, F_PAD=f_pad, PRECISION=_precision(), HAS_BIAS=bias is not None, **config,
     )
     return out
 
@@ -371,9 +387,8 @@ def backward(grad_out, input, taps, alpha, order, stride, padding, needs):
     f_pad, k_pad = triton.next_power_of_2(n_basis), triton.next_power_of_2(k)
     rows, cols = pair_index(order, x.device)
     dev = x.device
-    block_o = max(triton.next_power_of_2(c_out), 16)
-    block_i = _block_i(f_pad, block_o, 256)
-    n_iblocks = triton.cdiv(c_in, block_i)
+    config = backward_config(c_out, f_pad)
+    n_iblocks = triton.cdiv(c_in, config["BLOCK_I"])
     split = _split(n_iblocks, batch * triton.cdiv(out_h * out_w, _BLOCK_P), dev)
     unused = torch.empty(1, device=dev)
 
@@ -387,10 +402,7 @@ def backward(grad_out, input, taps, alpha, order, stride, padding, needs):
         v, h, gy, taps32, rows, cols, alpha32, grad_resp, alpha_part, col_part, row_part,
         batch, order + 1, c_in, height, width, c_out, out_h, out_w, stride[0], stride[1], padding[0], padding[1],
         K=k, K_PAD=k_pad, F=n_basis, F_PAD=f_pad, SPLIT=split, PRECISION=_precision(),
-        NEED_ALPHA=need_alpha, NEED_TAPS=need_taps, NEED_GRAD_RESP=need_input,
-        BLOCK_P=_BLOCK_P, BLOCK_I=block_i, BLOCK_O=block_o,
-        # α's tile [F_PAD, BLOCK_I, C_out] stays in registers: more warps for wide layers.
-        num_warps=min(16, max(4, block_o // 8)),
+        NEED_ALPHA=need_alpha, NEED_TAPS=need_taps, NEED_GRAD_RESP=need_input, **config,
     )
     grad_input = grad_taps = grad_alpha = None
     if need_alpha:
@@ -411,10 +423,11 @@ def backward(grad_out, input, taps, alpha, order, stride, padding, needs):
 
 class _SRFConv2dTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, taps, alpha, order, stride, padding):
+    def forward(ctx, input, taps, alpha, bias, order, stride, padding):
         ctx.save_for_backward(input, taps, alpha)
         ctx.geometry = (order, stride, padding)
-        return forward(input, taps, alpha, order, stride, padding)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return forward(input, taps, alpha, bias, order, stride, padding)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -422,12 +435,13 @@ class _SRFConv2dTriton(torch.autograd.Function):
         input, taps, alpha = ctx.saved_tensors
         order, stride, padding = ctx.geometry
         grads = backward(grad_out, input, taps, alpha, order, stride, padding, ctx.needs_input_grad[:3])
-        return (*grads, None, None, None)
+        grad_bias = grad_out.float().sum((0, 2, 3)).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
+        return (*grads, grad_bias, None, None, None)
 
 
-def srf_conv2d_triton(input, taps, alpha, order, stride, padding, groups):
-    """Triton SRF convolution (same contract as :func:`dcn_fast.separable.separable_srf_conv2d`)."""
+def srf_conv2d_triton(input, taps, alpha, order, stride, padding, groups, bias=None):
+    """Triton SRF convolution (the contract of :func:`dcn_fast.separable.separable_srf_conv2d`, plus a fused bias)."""
     reason = supports(input, alpha, groups)
     if reason is not None:
         raise ValueError(f"the triton backend does not take this call: {reason}")
-    return _SRFConv2dTriton.apply(input, taps, alpha, order, tuple(stride), tuple(padding))
+    return _SRFConv2dTriton.apply(input, taps, alpha, bias, order, tuple(stride), tuple(padding))

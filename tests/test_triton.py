@@ -141,3 +141,20 @@ def test_sizes_past_the_kernels_indexing_are_refused():
     assert supports(torch.empty(128, 256, 64, 64, device="meta"), alpha, 1) is None
     assert "2^31" in supports(torch.empty(1024, 256, 64, 64, device="meta"), alpha, 1)
     assert "batch > 65535" in supports(torch.empty(70000, 256, 1, 1, device="meta"), alpha, 1)
+
+
+def test_bias_is_added_in_the_kernel():
+    """The forward kernel adds the bias; its gradient is gy summed over batch and pixels."""
+    x = torch.randn(2, 3, 7, 8, device=DEVICE, requires_grad=True)
+    s = torch.tensor([0.3], device=DEVICE, requires_grad=True)
+    a = torch.randn(6, 3, 5, device=DEVICE, requires_grad=True)
+    bias = torch.randn(5, device=DEVICE, requires_grad=True)
+    out = srf_conv2d(x, s, a, bias=bias, stride=2, backend="triton")
+    wide = [t.detach().double().requires_grad_() for t in (x, s, a, bias)]
+    want = srf_conv2d(*wide[:3], bias=wide[3], stride=2, backend="reference")
+    assert rel_err(out, want) < 1e-5
+    grad = torch.randn_like(want)
+    got = torch.autograd.grad(out, (x, s, a, bias), grad.float())
+    expected = torch.autograd.grad(want, wide, grad)
+    for name, g, e in zip(("input", "scale", "alpha", "bias"), got, expected):
+        assert rel_err(g, e) < 1e-4, name
