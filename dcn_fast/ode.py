@@ -99,10 +99,9 @@ class TimeConv(nn.Module):
         """(scale, alpha, taps, kernel_size) of the SRF kinds at time t."""
         if self.time_dependent:
             scale, alpha = self._meta(t)
-            kernel_size = None
-        else:
-            scale, alpha, kernel_size = self.layer.scale, self.layer.alpha, self.layer.fixed_kernel_size
-        return scale, alpha, srf_taps_for(scale, kernel_size=kernel_size), kernel_size
+            return scale, alpha, srf_taps_for(scale), None
+        # The layer reads σ back only after an update: no host sync per solve or adjoint evaluation.
+        return self.layer.scale, self.layer.alpha, self.layer.taps(), self.layer.fixed_kernel_size
 
     def _conv(self, x: torch.Tensor, part: slice, weights) -> torch.Tensor:
         """The convolution restricted to input channels ``part`` (0 = time, 1: = x)."""
