@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .basis import num_basis
+from .basis import num_basis, srf_taps
 from .separable import dense_filters
-from .functional import srf_conv2d, srf_taps_for
+from .functional import checked_radius, srf_conv2d
 from .modules import SRFConv2d
 
 __all__ = ["TimeConv", "ODEFunc", "ODEBlock", "META_KINDS"]
@@ -29,6 +29,9 @@ META_KINDS = ("sigma_t", "sigma_t2", "sigma_alpha_t")
 
 #: t is clipped to [T_MIN, T_MAX] and scaled by TAU before entering a meta law.
 T_MIN, T_MAX, TAU = -0.5, 2.5, 0.5
+
+#: The published truncation of every DCN layer: radius ceil(2σ + 0.5).
+TRUNCATE = 2.0
 
 
 class TimeConv(nn.Module):
@@ -66,6 +69,8 @@ class TimeConv(nn.Module):
             # Published inits (DESIGN.md §1): one coefficient per power of t.
             stds = {"sigma_t": (2 / 3, 0.1), "sigma_t2": (2 / 3, 2 / 3 / 2, 0.1), "sigma_alpha_t": (2 / 3, 0.1)}[kind]
             self.scale_coeffs = nn.Parameter(torch.randn(len(stds)) * torch.tensor(stds))
+            self._bound_key: tuple[int, int] | None = None  # (version, address) of scale_coeffs when read
+            self._radius_bound = 0
         else:
             raise ValueError(f"kind must be 'conv', 'srf', 'srf_pair' or one of {META_KINDS}, got {kind!r}")
 
@@ -95,11 +100,34 @@ class TimeConv(nn.Module):
         alpha = self.alpha + self.alpha_slope * s if self.kind == "sigma_alpha_t" else self.alpha
         return scale.reshape(1), alpha
 
+    def radius_bound(self) -> int:
+        """The largest tap radius σ(t) reaches for t in [T_MIN, T_MAX] (σ(t) kinds).
+
+        Taps laid out at this radius are exact at every t (zero past σ(t)'s own
+        radius), so an evaluation reads nothing back to the host: the
+        coefficients are read once after each update (their version counter).
+        """
+        coeffs = self.scale_coeffs
+        key = (coeffs._version, coeffs.data_ptr())
+        if self._bound_key != key:
+            c = coeffs.detach().double().tolist()  # the one host read
+            ends = [TAU * T_MIN, TAU * T_MAX]
+            if self.kind == "sigma_t2":
+                # Concave: the vertex, clipped to the interval, may be the highest point.
+                points = ends + ([min(max(-c[1] / (2 * c[0]), ends[0]), ends[1])] if c[0] < 0 else [])
+                highest = max(c[0] * s * s + c[1] * s + c[2] for s in points)
+            else:
+                highest = max(c[0] * s + c[1] for s in ends)
+            # A margin for float32 rounding of σ(t) on the device; the extra taps would be zeros.
+            self._radius_bound = checked_radius(torch.tensor([highest + 1e-6], dtype=torch.float64), TRUNCATE, None)
+            self._bound_key = key
+        return self._radius_bound
+
     def _weights(self, t: torch.Tensor):
         """(scale, alpha, taps, kernel_size) of the SRF kinds at time t."""
         if self.time_dependent:
             scale, alpha = self._meta(t)
-            return scale, alpha, srf_taps_for(scale), None
+            return scale, alpha, srf_taps(scale, self.order, self.radius_bound(), TRUNCATE), None
         # The layer reads σ back only after an update: no host sync per solve or adjoint evaluation.
         return self.layer.scale, self.layer.alpha, self.layer.taps(), self.layer.fixed_kernel_size
 

@@ -106,3 +106,28 @@ def test_seminorm_adjoint_gives_the_same_gradients_with_fewer_steps():
     assert nfe_semi <= nfe_plain
     for a, b in zip(semi, plain):
         assert float((a - b).abs().max() / b.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("kind", META_KINDS)
+def test_sigma_t_taps_use_a_radius_bound_read_once_per_update(kind, monkeypatch):
+    """σ(t) layers lay taps out at the largest radius over t (exact: zeros past σ(t)'s own) and read the
+    coefficients back only after they changed."""
+    import dcn_fast.ode as ode
+    from dcn_fast.functional import truncation_radius
+
+    reads = []
+    real = ode.checked_radius
+    monkeypatch.setattr(ode, "checked_radius", lambda *a: reads.append(1) or real(*a))
+    torch.manual_seed(0)
+    conv = TimeConv(3, 4, kind).double()
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    ts = torch.linspace(-1.0, 3.0, 9, dtype=torch.float64)
+    own = [truncation_radius(conv._meta(t)[0], ode.TRUNCATE) for t in ts]
+    for t in ts:
+        torch.testing.assert_close(conv(t, x), explicit_concat(conv, t, x), rtol=1e-10, atol=1e-12)
+    assert len(reads) == 1 and max(own) <= conv.radius_bound() <= max(own) + 1  # samples may miss a vertex
+    with torch.no_grad():
+        conv.scale_coeffs.add_(0.5)  # σ grows at every t
+    t = torch.tensor(2.0, dtype=torch.float64)
+    torch.testing.assert_close(conv(t, x), explicit_concat(conv, t, x), rtol=1e-10, atol=1e-12)
+    assert len(reads) == 2
