@@ -205,11 +205,11 @@ def _srf_bwd_weights_kernel(
     taps_ptr, rows_ptr, cols_ptr,
     alpha_ptr,  # [F, C, O] float32
     grad_resp_ptr,  # [B, F, C, Ho, Wo] float32, written: G = αᵀ·gy
-    alpha_part_ptr,  # [SPLIT, F_PAD, C, O] float32 partial sums of grad α
-    col_part_ptr,  # [n_iblocks, SPLIT, F_PAD, K_PAD] float32: Σ G_f · V_l(f) at column shift c
-    row_part_ptr,  # [n_iblocks, SPLIT, F_PAD, K_PAD] float32: Σ G_f · H_m(f) at row shift a
-    B, L, C, H, W, O, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
-    K: tl.constexpr, K_PAD: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr, SPLIT: tl.constexpr,
+    alpha_part_ptr,  # [n_split, F_PAD, C, O] float32 partial sums of grad α
+    col_part_ptr,  # [n_iblocks, n_split, F_PAD, K_PAD] float32: Σ G_f · V_l(f) at column shift c
+    row_part_ptr,  # [n_iblocks, n_split, F_PAD, K_PAD] float32: Σ G_f · H_m(f) at row shift a
+    B, L, C, H, W, O, Ho, Wo, stride_h, stride_w, pad_h, pad_w, n_split,
+    K: tl.constexpr, K_PAD: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
     PRECISION: tl.constexpr, NEED_ALPHA: tl.constexpr, NEED_TAPS: tl.constexpr, NEED_GRAD_RESP: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
@@ -227,7 +227,7 @@ def _srf_bwd_weights_kernel(
     col_acc = tl.zeros((F_PAD, K_PAD), dtype=tl.float32)
     row_acc = tl.zeros((F_PAD, K_PAD), dtype=tl.float32)
 
-    for item in range(split, B * tl.cdiv(Ho * Wo, BLOCK_P), SPLIT):
+    for item in range(split, B * tl.cdiv(Ho * Wo, BLOCK_P), n_split):
         b, offs_p, mask_p, ho, wo = _pixel_block(item, Ho * Wo, Wo, BLOCK_P)
         gy = tl.load(
             gy_ptr + (b * O + offs_o[None, :]) * Ho * Wo + offs_p[:, None],
@@ -269,7 +269,7 @@ def _srf_bwd_weights_kernel(
             mask=mask_i[None, :, None] & mask_o[None, None, :],
         )
     if NEED_TAPS:
-        part = ((ib * SPLIT + split) * F_PAD + fs[:, None]) * K_PAD + shifts[None, :]
+        part = ((ib * n_split + split) * F_PAD + fs[:, None]) * K_PAD + shifts[None, :]
         tl.store(col_part_ptr + part, col_acc)
         tl.store(row_part_ptr + part, row_acc)
 
@@ -392,7 +392,7 @@ def backward(grad_out, input, taps, alpha, order, stride, padding, needs):
     split = _split(n_iblocks, batch * triton.cdiv(out_h * out_w, _BLOCK_P), dev)
     unused = torch.empty(1, device=dev)
 
-    v = _row_pass(x, taps32, order, stride, padding, out_h)
+    v = _row_pass(x, taps32, order, stride, padding, out_h) if need_alpha or need_taps else unused
     h = (_one_d_pass(x[:, None], taps32, order, "taps", order + 1, (height, out_w), stride[1], padding[1], 1, False)
          if need_taps else unused)
     grad_resp = torch.empty(batch, n_basis, c_in, out_h, out_w, device=dev) if need_input else unused
@@ -400,8 +400,8 @@ def backward(grad_out, input, taps, alpha, order, stride, padding, needs):
     col_part, row_part = (torch.empty(2, n_iblocks, split, f_pad, k_pad, device=dev) if need_taps else (unused, unused))
     _srf_bwd_weights_kernel[(n_iblocks, split)](
         v, h, gy, taps32, rows, cols, alpha32, grad_resp, alpha_part, col_part, row_part,
-        batch, order + 1, c_in, height, width, c_out, out_h, out_w, stride[0], stride[1], padding[0], padding[1],
-        K=k, K_PAD=k_pad, F=n_basis, F_PAD=f_pad, SPLIT=split, PRECISION=_precision(),
+        batch, order + 1, c_in, height, width, c_out, out_h, out_w, stride[0], stride[1], padding[0], padding[1], split,
+        K=k, K_PAD=k_pad, F=n_basis, F_PAD=f_pad, PRECISION=_precision(),
         NEED_ALPHA=need_alpha, NEED_TAPS=need_taps, NEED_GRAD_RESP=need_input, **config,
     )
     grad_input = grad_taps = grad_alpha = None

@@ -50,13 +50,19 @@ def test_forward_and_gradients_match_float64_reference(case):
         assert rel_err(g, e) < 1e-4, name
 
 
-def test_gradient_of_alpha_only():
-    x = torch.randn(1, 3, 6, 6, device=DEVICE)
-    s = torch.zeros(1, device=DEVICE)
-    a = torch.randn(6, 3, 4, device=DEVICE, requires_grad=True)
-    (g,) = torch.autograd.grad(srf_conv2d(x, s, a, backend="triton").sum(), a)
-    (e,) = torch.autograd.grad(srf_conv2d(x, s, a, backend="reference").sum(), a)
-    torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("wanted", ["input", "scale", "alpha"])
+def test_one_gradient_at_a_time(wanted):
+    """The backward computes only what is asked for (the kernels skip V, H, G or the partial sums)."""
+    tensors = {
+        "input": torch.randn(1, 3, 6, 6, device=DEVICE),
+        "scale": torch.tensor([0.2], device=DEVICE),
+        "alpha": torch.randn(6, 3, 4, device=DEVICE),
+    }
+    tensors[wanted].requires_grad_()
+    (g,) = torch.autograd.grad(srf_conv2d(*tensors.values(), backend="triton").square().sum(), tensors[wanted])
+    wide = {name: t.detach().double().requires_grad_(name == wanted) for name, t in tensors.items()}
+    (e,) = torch.autograd.grad(srf_conv2d(*wide.values(), backend="reference").square().sum(), wide[wanted])
+    assert rel_err(g, e) < 1e-4
 
 
 def test_precomputed_taps_and_refusals():

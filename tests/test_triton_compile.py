@@ -72,7 +72,7 @@ def _report() -> list[dict]:
                 **{n: v for n, v in fwd.items() if n != "num_warps"}), fwd["num_warps"]))
             bwd = conv.backward_config(c_out, F_PAD)
             results.append(_compile(conv._srf_bwd_weights_kernel, dict(
-                K=k, K_PAD=triton.next_power_of_2(k), F=N_BASIS, F_PAD=F_PAD, SPLIT=32, PRECISION="ieee",
+                K=k, K_PAD=triton.next_power_of_2(k), F=N_BASIS, F_PAD=F_PAD, PRECISION="ieee",
                 NEED_ALPHA=True, NEED_TAPS=True, NEED_GRAD_RESP=True,
                 **{n: v for n, v in bwd.items() if n != "num_warps"}), bwd["num_warps"]))
         for axis, transposed, slots in ((0, False, ORDER + 1), (1, True, ORDER + 1), (0, True, 1)):
