@@ -21,9 +21,9 @@ from published import published_dcn_ode
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH = 128 if DEVICE.type == "cuda" else 8
 
-CASES = [("published-dcn-ode", True), ("dcn-ode", True), ("dcn-ode", False)] + [
-    (name, True) for name in MODELS if name != "dcn-ode"
-]
+CASES = [("published-dcn-ode", True, "auto"), ("dcn-ode", True, "auto"), ("dcn-ode", False, "auto")]
+CASES += [("dcn-ode", True, "triton"), ("dcn-ode", False, "triton")] if DEVICE.type == "cuda" else []
+CASES += [(name, True, "auto") for name in MODELS if name != "dcn-ode"]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,11 @@ def batch():
     return normalize(data.train_images[:BATCH]).to(DEVICE), data.train_labels[:BATCH].to(DEVICE)
 
 
-@pytest.mark.parametrize("name, adjoint", CASES, ids=[f"{n}-{'adjoint' if a else 'direct'}" for n, a in CASES])
-def test_sgd_step(benchmark, batch, name, adjoint):
+@pytest.mark.parametrize(
+    "name, adjoint, backend", CASES,
+    ids=[f"{n}-{'adjoint' if a else 'direct'}{'' if b == 'auto' else '-' + b}" for n, a, b in CASES],
+)
+def test_sgd_step(benchmark, batch, name, adjoint, backend):
     x, y = batch
     if name == "published-dcn-ode":
         model = published_dcn_ode(adjoint=adjoint)

@@ -6,25 +6,26 @@ works with 1-D passes (K taps each, not K²):
 
 * ``_pass_kernel``: one 1-D pass along H or W, plain or transposed, that adds
   the shifted planes of some input slots, weighted by one tap row each, into
-  output slots. It makes ``V_l = b_l ⊛_H x`` (rows strided), ``H_m = b_m ⊛_W x``
-  (backward only) and, transposed, carries the response gradient back to the
-  input: ``gV_l = Σ_{f: l(f)=l} b_m(f) ⊛ᵀ_W G_f`` then ``grad x = Σ_l b_l ⊛ᵀ_H gV_l``.
+  output slots. It makes ``V_l = b_l ⊛_H x`` and carries the response gradient
+  G back: ``gV_l = Σ_{f: l(f)=l} b_m(f) ⊛ᵀ_W G_f``, ``grad x = Σ_l b_l ⊛ᵀ_H gV_l``.
+  Its correlation epilogue reduces its output against x shifted along the
+  other axis: with gV that is the gradient of the row taps b_l, with
+  ``gH_m = Σ_{f: m(f)=m} b_l(f) ⊛ᵀ_H G_f`` (not stored) that of the column taps b_m.
 * ``_srf_fwd_kernel``: per (image, pixel block, C_out block) it forms the F
   basis responses ``R_f = b_m(f) ⊛_W V_l(f)`` of a block of input channels in
-  registers and meets α in one ``tl.dot`` (``[pixels, F·C_in] × [F·C_in, C_out]``).
-  R never reaches memory.
+  registers and meets α in one ``tl.dot`` (``[pixels, F·C_in] × [F·C_in, C_out]``),
+  plus the bias. R never reaches memory.
 * ``_srf_bwd_weights_kernel``: per (input-channel block, slice of the (image,
   pixel block) items) it forms ``G = αᵀ·gy`` with ``tl.dot`` (stored for the
-  input gradient), recomputes R from V for α's gradient (``tl.dot`` with gy)
-  and reduces ``Σ G_f · V_l(f)`` (column taps) and ``Σ G_f · H_m(f)`` (row
-  taps) at each of the K shifts: the tap gradients, from which σ's follows.
+  passes above) and recomputes R from V for α's gradient (``tl.dot`` with gy).
 
-Partial sums are written per program and reduced in a fixed order by the host:
-the backward is deterministic. Intermediates V, H, G, gV are float32 and live
-only within one call (the autograd graph keeps x, taps and α). The taps come
-in as a tensor (``dcn_fast.srf_taps_for`` or built on the device), so nothing is
-read back to the host: a call can be captured in a CUDA graph. Runs on the
-CPU under ``TRITON_INTERPRET=1`` (tiny shapes in the tests).
+Partial sums (α's and the taps' gradients) are written per program and
+reduced in a fixed order by the host: the backward is deterministic.
+Intermediates V, G, gV are float32 and live only within one call (the
+autograd graph keeps x, taps and α). The taps come in as a tensor
+(``SRFConv2d.taps()``, ``dcn_fast.srf_taps_for``), so nothing is read back to
+the host: a call can be captured in a CUDA graph. Runs on the CPU under
+``TRITON_INTERPRET=1`` (tiny shapes in the tests).
 """
 
 from __future__ import annotations
@@ -81,11 +82,18 @@ def _pass_kernel(
     src_ptr,  # [B, S, C, Y_in, X_in]
     taps_ptr,  # [N+1, K] float32
     terms_ptr,  # [n_terms, 3] int32: (source slot, output slot, tap row)
-    dst_ptr,  # [B, J, C, Y_out, X_out]
-    n_terms, S, J, C, Y_in, X_in, Y_out, X_out, stride, pad,
+    dst_ptr,  # [B, J, C, Y_out, X_out] (written if STORE)
+    corr_ptr,  # [B, C, Y_c, X_c]: what dst is correlated with (if CORRELATE)
+    grad_part_ptr,  # [programs, J_PAD, K_PAD] float32 (if CORRELATE)
+    n_terms, S, J, C, Y_in, X_in, Y_out, X_out, stride, pad, Y_c, X_c, corr_stride, corr_pad,
     K: tl.constexpr, AXIS: tl.constexpr, TRANSPOSED: tl.constexpr, J_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    STORE: tl.constexpr, CORRELATE: tl.constexpr, K_PAD: tl.constexpr,
 ):
-    """dst[b, j] = Σ_(s, j, n) Σ_t taps[n, t] · src[b, s] shifted by t along AXIS (0: rows, 1: columns)."""
+    """dst[b, j] = Σ_(s, j, n) Σ_t taps[n, t] · src[b, s] shifted by t along AXIS (0: rows, 1: columns).
+
+    CORRELATE: also the per-program partial sums ``Σ_e dst[b, j, e] · corr[b, shift_t(e)]`` for each tap t,
+    shifted plainly along the other axis — the tap gradient of the pass that axis belongs to.
+    """
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     b = tl.program_id(1)
     mask = offs < C * Y_out * X_out
@@ -109,11 +117,26 @@ def _pass_kernel(
             v = tl.load(src_ptr + ((b * S + s) * C + ch) * Y_in * X_in + ys * X_in + xs, mask=mask & ok, other=0.0)
             part += tl.load(taps_ptr + n * K + t) * v.to(tl.float32)
         acc += tl.where(slots[:, None] == j, part[None, :], 0.0)
-    tl.store(
-        dst_ptr + ((b * J + slots[:, None]) * C + ch[None, :]) * Y_out * X_out + (y * X_out + x)[None, :],
-        acc.to(dst_ptr.dtype.element_ty),
-        mask=(slots[:, None] < J) & mask[None, :],
-    )
+    if STORE:
+        tl.store(
+            dst_ptr + ((b * J + slots[:, None]) * C + ch[None, :]) * Y_out * X_out + (y * X_out + x)[None, :],
+            acc.to(dst_ptr.dtype.element_ty),
+            mask=(slots[:, None] < J) & mask[None, :],
+        )
+    if CORRELATE:
+        shifts = tl.arange(0, K_PAD)
+        grad = tl.zeros((J_PAD, K_PAD), dtype=tl.float32)
+        for t in range(K):
+            if AXIS == 0:
+                xs, ok = _shift(x, t, X_c, corr_stride, corr_pad, False)
+                ys = y
+            else:
+                ys, ok = _shift(y, t, Y_c, corr_stride, corr_pad, False)
+                xs = x
+            v = tl.load(corr_ptr + (b * C + ch) * Y_c * X_c + ys * X_c + xs, mask=mask & ok, other=0.0)
+            grad += tl.where(shifts[None, :] == t, tl.sum(acc * v.to(tl.float32)[None, :], axis=1)[:, None], 0.0)
+        program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        tl.store(grad_part_ptr + (program * J_PAD + slots[:, None]) * K_PAD + shifts[None, :], grad)
 
 
 @triton.jit
@@ -200,17 +223,14 @@ def _srf_fwd_kernel(
 @triton.jit
 def _srf_bwd_weights_kernel(
     v_ptr,  # [B, L, C, Ho, W] float32: V_l = b_l ⊛_H x
-    h_ptr,  # [B, L, C, H, Wo] float32: H_m = b_m ⊛_W x
     gy_ptr,  # [B, O, Ho, Wo]
     taps_ptr, rows_ptr, cols_ptr,
     alpha_ptr,  # [F, C, O] float32
     grad_resp_ptr,  # [B, F, C, Ho, Wo] float32, written: G = αᵀ·gy
     alpha_part_ptr,  # [n_split, F_PAD, C, O] float32 partial sums of grad α
-    col_part_ptr,  # [n_iblocks, n_split, F_PAD, K_PAD] float32: Σ G_f · V_l(f) at column shift c
-    row_part_ptr,  # [n_iblocks, n_split, F_PAD, K_PAD] float32: Σ G_f · H_m(f) at row shift a
-    B, L, C, H, W, O, Ho, Wo, stride_h, stride_w, pad_h, pad_w, n_split,
-    K: tl.constexpr, K_PAD: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
-    PRECISION: tl.constexpr, NEED_ALPHA: tl.constexpr, NEED_TAPS: tl.constexpr, NEED_GRAD_RESP: tl.constexpr,
+    B, L, C, W, O, Ho, Wo, stride_w, pad_w, n_split,
+    K: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
+    PRECISION: tl.constexpr, NEED_ALPHA: tl.constexpr, NEED_GRAD_RESP: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     ib = tl.program_id(0)
@@ -223,9 +243,6 @@ def _srf_bwd_weights_kernel(
     al = _alpha_tile(alpha_ptr, fs, mask_f, offs_i, mask_i, offs_o, mask_o, C, O)
     al2t = tl.trans(tl.reshape(al, (F_PAD * BLOCK_I, BLOCK_O)))  # [BLOCK_O, F_PAD·BLOCK_I]
     alpha_acc = tl.zeros((F_PAD * BLOCK_I, BLOCK_O), dtype=tl.float32)
-    shifts = tl.arange(0, K_PAD)
-    col_acc = tl.zeros((F_PAD, K_PAD), dtype=tl.float32)
-    row_acc = tl.zeros((F_PAD, K_PAD), dtype=tl.float32)
 
     for item in range(split, B * tl.cdiv(Ho * Wo, BLOCK_P), n_split):
         b, offs_p, mask_p, ho, wo = _pixel_block(item, Ho * Wo, Wo, BLOCK_P)
@@ -234,32 +251,22 @@ def _srf_bwd_weights_kernel(
             mask=mask_p[:, None] & mask_o[None, :],
             other=0.0,
         ).to(tl.float32)  # [BLOCK_P, BLOCK_O]
-        grad_resp = tl.permute(
-            tl.reshape(tl.dot(gy, al2t, input_precision=PRECISION), (BLOCK_P, F_PAD, BLOCK_I)), (1, 0, 2)
-        )
         if NEED_GRAD_RESP:
+            grad_resp = tl.permute(
+                tl.reshape(tl.dot(gy, al2t, input_precision=PRECISION), (BLOCK_P, F_PAD, BLOCK_I)), (1, 0, 2)
+            )
             tl.store(
                 grad_resp_ptr + ((b * F + fs[:, None, None]) * C + offs_i[None, None, :]) * Ho * Wo
                 + offs_p[None, :, None],
                 grad_resp,
                 mask=mask_f[:, None, None] & mask_p[None, :, None] & mask_i[None, None, :],
             )
-        resp = tl.zeros((F_PAD, BLOCK_P, BLOCK_I), dtype=tl.float32)
-        for c in range(K):  # column shifts of V: R_f for α, and the column-tap gradient
-            w, ok = _shift(wo, c, W, stride_w, pad_w, False)
-            tile = _slot_tile(v_ptr, b, rows, mask_f, offs_i, mask_i, ho, w, ok & mask_p, L, C, Ho, W)
-            if NEED_ALPHA:
+        if NEED_ALPHA:  # R_f = b_m(f) ⊛_W V_l(f), recomputed, meets gy
+            resp = tl.zeros((F_PAD, BLOCK_P, BLOCK_I), dtype=tl.float32)
+            for c in range(K):
+                w, ok = _shift(wo, c, W, stride_w, pad_w, False)
+                tile = _slot_tile(v_ptr, b, rows, mask_f, offs_i, mask_i, ho, w, ok & mask_p, L, C, Ho, W)
                 resp += tl.load(taps_ptr + cols * K + c, mask=mask_f, other=0.0)[:, None, None] * tile
-            if NEED_TAPS:
-                dot_c = tl.sum(tl.sum(grad_resp * tile, axis=2), axis=1)  # [F_PAD]
-                col_acc += tl.where(shifts[None, :] == c, dot_c[:, None], 0.0)
-        if NEED_TAPS:
-            for a in range(K):  # row shifts of H: the row-tap gradient
-                h, ok = _shift(ho, a, H, stride_h, pad_h, False)
-                tile = _slot_tile(h_ptr, b, cols, mask_f, offs_i, mask_i, h, wo, ok & mask_p, L, C, H, Wo)
-                dot_a = tl.sum(tl.sum(grad_resp * tile, axis=2), axis=1)
-                row_acc += tl.where(shifts[None, :] == a, dot_a[:, None], 0.0)
-        if NEED_ALPHA:
             alpha_acc += tl.dot(tl.trans(_flat(resp, BLOCK_P, F_PAD * BLOCK_I)), gy, input_precision=PRECISION)
     if NEED_ALPHA:
         tl.store(
@@ -268,10 +275,6 @@ def _srf_bwd_weights_kernel(
             tl.reshape(alpha_acc, (F_PAD, BLOCK_I, BLOCK_O)),
             mask=mask_i[None, :, None] & mask_o[None, None, :],
         )
-    if NEED_TAPS:
-        part = ((ib * n_split + split) * F_PAD + fs[:, None]) * K_PAD + shifts[None, :]
-        tl.store(col_part_ptr + part, col_acc)
-        tl.store(row_part_ptr + part, row_acc)
 
 
 # --- host functions ---------------------------------------------------------
@@ -280,27 +283,24 @@ _BLOCK_P = 32
 _PASS_BLOCK = 256
 
 
-def _block_i(f_pad: int, block_o: int, budget: int) -> int:
-    """Input channels per tile, so that the register tiles fit.
-
-    ``budget`` bounds F_PAD·BLOCK_O for 16 channels (forward 512, backward 256,
-    which holds more); ``tl.dot`` needs F_PAD·BLOCK_I >= 16.
-    """
-    return max(16 if f_pad * block_o <= budget else 8, 16 // f_pad)
-
-
 def forward_config(c_out: int, f_pad: int) -> dict:
-    """Tile sizes of ``_srf_fwd_kernel`` (tests/test_triton_compile.py: no register spills on sm_90 at order 2)."""
+    """Tile sizes of ``_srf_fwd_kernel`` (tests/test_triton_compile.py: no register spills on sm_90 at order 2).
+
+    16 input channels per tile, 8 from order 3 on (the responses [F_PAD, BLOCK_P, BLOCK_I] live in
+    registers); ``tl.dot`` needs F_PAD·BLOCK_I >= 16.
+    """
     block_o = min(max(triton.next_power_of_2(c_out), 16), 64)
-    return dict(BLOCK_P=_BLOCK_P, BLOCK_I=_block_i(f_pad, block_o, 512), BLOCK_O=block_o, num_warps=4)
+    block_i = max(16 if f_pad <= 8 else 8, 16 // f_pad)
+    return dict(BLOCK_P=_BLOCK_P, BLOCK_I=block_i, BLOCK_O=block_o, num_warps=4)
 
 
 def backward_config(c_out: int, f_pad: int) -> dict:
     """Tile sizes of ``_srf_bwd_weights_kernel``: all output channels in one tile, so α's
-    ``[F_PAD, BLOCK_I, C_out]`` stays in registers, spread over more warps for wide layers."""
+    ``[F_PAD, BLOCK_I, C_out]`` stays in registers — fewer input channels per tile for wide layers
+    (BLOCK_I·BLOCK_O = 512; ptxas for sm_90: no spills at order 2)."""
     block_o = max(triton.next_power_of_2(c_out), 16)
-    return dict(BLOCK_P=_BLOCK_P, BLOCK_I=_block_i(f_pad, block_o, 256), BLOCK_O=block_o,
-                num_warps=min(16, max(4, block_o // 8)))
+    block_i = max(min(16, 512 // block_o), 16 // f_pad)
+    return dict(BLOCK_P=_BLOCK_P, BLOCK_I=block_i, BLOCK_O=block_o, num_warps=4 if block_o <= 32 else 8)
 
 
 def _precision() -> str:
@@ -312,29 +312,47 @@ def _precision() -> str:
 def _terms(order: int, kind: str, device: torch.device) -> torch.Tensor:
     """(source slot, output slot, tap row) of each pass, as int32 on ``device`` (cached: no copies per call).
 
-    ``taps``: one input plane to the N+1 tap rows (V or H); ``responses``: G_f to
-    gV_l(f) through b_m(f); ``rows``: gV_l to the one input plane through b_l.
+    ``taps``: one input plane to the N+1 tap rows (V); ``responses_w``: G_f to
+    gV_l(f) through b_m(f) (along W); ``responses_h``: G_f to gH_m(f) through
+    b_l(f) (along H); ``rows``: gV_l to the one input plane through b_l.
     """
     pairs = [(l, m) for l in range(order + 1) for m in range(order - l, -1, -1)]
     terms = {
         "taps": [(0, n, n) for n in range(order + 1)],
-        "responses": [(f, l, m) for f, (l, m) in enumerate(pairs)],
+        "responses_w": [(f, l, m) for f, (l, m) in enumerate(pairs)],
+        "responses_h": [(f, m, l) for f, (l, m) in enumerate(pairs)],
         "rows": [(l, 0, l) for l in range(order + 1)],
     }[kind]
     return torch.tensor(terms, dtype=torch.int32).to(device)
 
 
-def _one_d_pass(src, taps, order, kind, out_slots, out_size, stride, pad, axis, transposed, dtype=torch.float32):
-    """One 1-D pass (``_pass_kernel``) of ``src [B, S, C, Y, X]`` into ``[B, out_slots, C, *out_size]``."""
+def _one_d_pass(src, taps, order, kind, out_slots, out_size, stride, pad, axis, transposed,
+                dtype=torch.float32, store=True, correlate=None):
+    """One 1-D pass (``_pass_kernel``) of ``src [B, S, C, Y, X]`` into ``[B, out_slots, C, *out_size]``.
+
+    Returns ``(output, tap_gradient)``. ``correlate=(x, stride, pad)``: the tap gradient ``[out_slots, K]``
+    of the pass along the other axis, ``Σ out[b, j, i, e] · x[b, i, shifted e]`` (per-program partials
+    summed in fixed order), else None. ``store=False``: the output is not written (None).
+    """
     batch, slots, channels, y_in, x_in = src.shape
-    out = torch.empty(batch, out_slots, channels, *out_size, device=src.device, dtype=dtype)
-    terms = _terms(order, kind, src.device)
+    k, dev = taps.shape[1], src.device
+    out = torch.empty(batch, out_slots, channels, *out_size, device=dev, dtype=dtype) if store else None
+    terms = _terms(order, kind, dev)
     grid = (triton.cdiv(channels * out_size[0] * out_size[1], _PASS_BLOCK), batch)  # grid dims 1, 2 stop at 65535
+    j_pad, k_pad = triton.next_power_of_2(out_slots), triton.next_power_of_2(k)
+    if correlate is not None:
+        x, corr_stride, corr_pad = correlate
+        grad_part = torch.empty(grid[0] * grid[1], j_pad, k_pad, device=dev)
+    else:
+        x, corr_stride, corr_pad, grad_part = src, 1, 0, src
     _pass_kernel[grid](
-        src, taps, terms, out, terms.shape[0], slots, out_slots, channels, y_in, x_in, *out_size, stride, pad,
-        K=taps.shape[1], AXIS=axis, TRANSPOSED=transposed, J_PAD=triton.next_power_of_2(out_slots), BLOCK=_PASS_BLOCK,
+        src, taps, terms, src if out is None else out, x, grad_part,
+        terms.shape[0], slots, out_slots, channels, y_in, x_in, *out_size, stride, pad,
+        *x.shape[-2:], corr_stride, corr_pad,
+        K=k, AXIS=axis, TRANSPOSED=transposed, J_PAD=j_pad, BLOCK=_PASS_BLOCK,
+        STORE=store, CORRELATE=correlate is not None, K_PAD=k_pad,
     )
-    return out
+    return out, None if correlate is None else grad_part.sum(0)[:out_slots, :k]
 
 
 def _geometry(input, taps, alpha, stride, padding):
@@ -347,7 +365,8 @@ def _geometry(input, taps, alpha, stride, padding):
 
 def _row_pass(x, taps, order, stride, padding, out_h):
     """V_l = b_l ⊛_H x with rows strided: ``[B, N+1, C, Ho, W]``."""
-    return _one_d_pass(x[:, None], taps, order, "taps", order + 1, (out_h, x.shape[3]), stride[0], padding[0], 0, False)
+    v, _ = _one_d_pass(x[:, None], taps, order, "taps", order + 1, (out_h, x.shape[3]), stride[0], padding[0], 0, False)
+    return v
 
 
 def forward(input, taps, alpha, bias, order, stride, padding):
@@ -370,10 +389,11 @@ def forward(input, taps, alpha, bias, order, stride, padding):
     return out
 
 
-def _split(n_iblocks: int, n_items: int, device: torch.device) -> int:
-    """Item slices per input-channel block: about four programs per SM, at most 64 (partial buffers stay small)."""
+def _split(n_iblocks: int, n_items: int, alpha_size: int, device: torch.device) -> int:
+    """Item slices per input-channel block: about four programs per SM, while the partial sums of α's
+    gradient (``split × alpha_size`` floats) stay within 64 MiB."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(1, min(64, n_items, triton.cdiv(4 * sms, n_iblocks)))
+    return max(1, min(n_items, 2**24 // alpha_size, triton.cdiv(4 * sms, n_iblocks)))
 
 
 def backward(grad_out, input, taps, alpha, order, stride, padding, needs):
@@ -384,40 +404,44 @@ def backward(grad_out, input, taps, alpha, order, stride, padding, needs):
     taps32, alpha32 = taps.float().contiguous(), alpha.float().contiguous()
     batch, c_in, height, width, c_out, k, out_h, out_w = _geometry(x, taps32, alpha32, stride, padding)
     n_basis = alpha.shape[0]
-    f_pad, k_pad = triton.next_power_of_2(n_basis), triton.next_power_of_2(k)
+    f_pad = triton.next_power_of_2(n_basis)
     rows, cols = pair_index(order, x.device)
     dev = x.device
     config = backward_config(c_out, f_pad)
     n_iblocks = triton.cdiv(c_in, config["BLOCK_I"])
-    split = _split(n_iblocks, batch * triton.cdiv(out_h * out_w, _BLOCK_P), dev)
+    split = _split(n_iblocks, batch * triton.cdiv(out_h * out_w, _BLOCK_P), f_pad * c_in * c_out, dev)
     unused = torch.empty(1, device=dev)
+    need_resp = need_input or need_taps  # G = αᵀ·gy feeds both
 
-    v = _row_pass(x, taps32, order, stride, padding, out_h) if need_alpha or need_taps else unused
-    h = (_one_d_pass(x[:, None], taps32, order, "taps", order + 1, (height, out_w), stride[1], padding[1], 1, False)
-         if need_taps else unused)
-    grad_resp = torch.empty(batch, n_basis, c_in, out_h, out_w, device=dev) if need_input else unused
+    v = _row_pass(x, taps32, order, stride, padding, out_h) if need_alpha else unused
+    grad_resp = torch.empty(batch, n_basis, c_in, out_h, out_w, device=dev) if need_resp else unused
     alpha_part = torch.empty(split, f_pad, c_in, c_out, device=dev) if need_alpha else unused
-    col_part, row_part = (torch.empty(2, n_iblocks, split, f_pad, k_pad, device=dev) if need_taps else (unused, unused))
     _srf_bwd_weights_kernel[(n_iblocks, split)](
-        v, h, gy, taps32, rows, cols, alpha32, grad_resp, alpha_part, col_part, row_part,
-        batch, order + 1, c_in, height, width, c_out, out_h, out_w, stride[0], stride[1], padding[0], padding[1], split,
-        K=k, K_PAD=k_pad, F=n_basis, F_PAD=f_pad, PRECISION=_precision(),
-        NEED_ALPHA=need_alpha, NEED_TAPS=need_taps, NEED_GRAD_RESP=need_input, **config,
+        v, gy, taps32, rows, cols, alpha32, grad_resp, alpha_part,
+        batch, order + 1, c_in, width, c_out, out_h, out_w, stride[1], padding[1], split,
+        K=k, F=n_basis, F_PAD=f_pad, PRECISION=_precision(), NEED_ALPHA=need_alpha, NEED_GRAD_RESP=need_resp,
+        **config,
     )
     grad_input = grad_taps = grad_alpha = None
     if need_alpha:
         grad_alpha = alpha_part.sum(0)[:n_basis].to(alpha.dtype)
+    if need_resp:
+        # gV_l = Σ_(f: l(f)=l) b_m(f) ⊛ᵀ_W G_f; against x along H it is the gradient of b_l (row taps).
+        grad_v, row_grad = _one_d_pass(
+            grad_resp, taps32, order, "responses_w", order + 1, (out_h, width), stride[1], padding[1], 1, True,
+            store=need_input, correlate=(x, stride[0], padding[0]) if need_taps else None,
+        )
     if need_taps:
-        # Basis f = (l, m) hands its column-shift sums to tap row m and its row-shift sums to row l.
-        col_grad = col_part.sum((0, 1))[:n_basis, :k]
-        row_grad = row_part.sum((0, 1))[:n_basis, :k]
-        grad_taps = torch.zeros_like(taps32).index_add_(0, cols, col_grad).index_add_(0, rows, row_grad)
-        grad_taps = grad_taps.to(taps.dtype)
+        # gH_m = Σ_(f: m(f)=m) b_l(f) ⊛ᵀ_H G_f against x along W: the gradient of b_m (column taps).
+        _, col_grad = _one_d_pass(
+            grad_resp, taps32, order, "responses_h", order + 1, (height, out_w), stride[0], padding[0], 0, True,
+            store=False, correlate=(x, stride[1], padding[1]),
+        )
+        grad_taps = (row_grad + col_grad).to(taps.dtype)
     if need_input:
-        grad_v = _one_d_pass(grad_resp, taps32, order, "responses", order + 1, (out_h, width),
-                             stride[1], padding[1], 1, True)
-        grad_input = _one_d_pass(grad_v, taps32, order, "rows", 1, (height, width),
-                                 stride[0], padding[0], 0, True, dtype=x.dtype)[:, 0]
+        grad_input, _ = _one_d_pass(grad_v, taps32, order, "rows", 1, (height, width), stride[0], padding[0], 0, True,
+                                    dtype=x.dtype)
+        grad_input = grad_input[:, 0]
     return grad_input, grad_taps, grad_alpha
 
 

@@ -53,7 +53,8 @@ def _compile(fn, constexprs: dict, num_warps: int) -> dict:
     os.unlink(ptx.name)
     return {
         "kernel": fn.__name__,
-        "config": {k: v for k, v in constexprs.items() if k in ("K", "BLOCK_I", "BLOCK_O", "AXIS", "TRANSPOSED")},
+        "config": {k: v for k, v in constexprs.items()
+                   if k in ("K", "BLOCK_I", "BLOCK_O", "AXIS", "TRANSPOSED", "CORRELATE")},
         "registers": int(re.search(r"Used (\d+) registers", report).group(1)),
         "spill_bytes": int(re.search(r"(\d+) bytes spill stores", report).group(1)),
     }
@@ -72,13 +73,16 @@ def _report() -> list[dict]:
                 **{n: v for n, v in fwd.items() if n != "num_warps"}), fwd["num_warps"]))
             bwd = conv.backward_config(c_out, F_PAD)
             results.append(_compile(conv._srf_bwd_weights_kernel, dict(
-                K=k, K_PAD=triton.next_power_of_2(k), F=N_BASIS, F_PAD=F_PAD, PRECISION="ieee",
-                NEED_ALPHA=True, NEED_TAPS=True, NEED_GRAD_RESP=True,
+                K=k, F=N_BASIS, F_PAD=F_PAD, PRECISION="ieee", NEED_ALPHA=True, NEED_GRAD_RESP=True,
                 **{n: v for n, v in bwd.items() if n != "num_warps"}), bwd["num_warps"]))
-        for axis, transposed, slots in ((0, False, ORDER + 1), (1, True, ORDER + 1), (0, True, 1)):
+        # V; gV with the row-tap gradient; gH (not stored) with the column-tap gradient; grad x.
+        for axis, transposed, slots, store, correlate in ((0, False, ORDER + 1, True, False),
+                                                          (1, True, ORDER + 1, True, True),
+                                                          (0, True, ORDER + 1, False, True),
+                                                          (0, True, 1, True, False)):
             results.append(_compile(conv._pass_kernel, dict(
-                K=k, AXIS=axis, TRANSPOSED=transposed, J_PAD=triton.next_power_of_2(slots),
-                BLOCK=conv._PASS_BLOCK), 4))
+                K=k, AXIS=axis, TRANSPOSED=transposed, J_PAD=triton.next_power_of_2(slots), BLOCK=conv._PASS_BLOCK,
+                STORE=store, CORRELATE=correlate, K_PAD=triton.next_power_of_2(k)), 4))
         radius = k // 2
         results.append(_compile(srf_taps._srf_taps_kernel, dict(
             RADIUS=radius, K_PAD=triton.next_power_of_2(k), ORDER=ORDER, TRUNCATE=True), 4))
@@ -91,7 +95,7 @@ def test_kernels_compile_for_sm90_without_register_spills():
     run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout)
-    assert len(results) == len(KERNEL_SIZES) * (2 * len(OUT_CHANNELS) + 3 + 1)
+    assert len(results) == len(KERNEL_SIZES) * (2 * len(OUT_CHANNELS) + 4 + 1)
     spilled = [r for r in results if r["spill_bytes"]]
     assert not spilled, spilled
 
