@@ -78,6 +78,18 @@ def _shift(pos, t, size, stride, pad, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
+def _plane_tap(ptr, plane, y, x, mask, t, Y, X, stride, pad, AXIS: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """``ptr[plane]`` (a [Y, X] map) at (y, x) shifted by tap t along AXIS, as float32, zero outside."""
+    if AXIS == 0:
+        ys, ok = _shift(y, t, Y, stride, pad, TRANSPOSED)
+        xs = x
+    else:
+        xs, ok = _shift(x, t, X, stride, pad, TRANSPOSED)
+        ys = y
+    return tl.load(ptr + plane * Y * X + ys * X + xs, mask=mask & ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _pass_kernel(
     src_ptr,  # [B, S, C, Y_in, X_in]
     taps_ptr,  # [N+1, K] float32
@@ -108,14 +120,8 @@ def _pass_kernel(
         n = tl.load(terms_ptr + 3 * term + 2)
         part = tl.zeros((BLOCK,), dtype=tl.float32)
         for t in range(K):
-            if AXIS == 0:
-                ys, ok = _shift(y, t, Y_in, stride, pad, TRANSPOSED)
-                xs = x
-            else:
-                xs, ok = _shift(x, t, X_in, stride, pad, TRANSPOSED)
-                ys = y
-            v = tl.load(src_ptr + ((b * S + s) * C + ch) * Y_in * X_in + ys * X_in + xs, mask=mask & ok, other=0.0)
-            part += tl.load(taps_ptr + n * K + t) * v.to(tl.float32)
+            v = _plane_tap(src_ptr, (b * S + s) * C + ch, y, x, mask, t, Y_in, X_in, stride, pad, AXIS, TRANSPOSED)
+            part += tl.load(taps_ptr + n * K + t) * v
         acc += tl.where(slots[:, None] == j, part[None, :], 0.0)
     if STORE:
         tl.store(
@@ -126,15 +132,9 @@ def _pass_kernel(
     if CORRELATE:
         shifts = tl.arange(0, K_PAD)
         grad = tl.zeros((J_PAD, K_PAD), dtype=tl.float32)
-        for t in range(K):
-            if AXIS == 0:
-                xs, ok = _shift(x, t, X_c, corr_stride, corr_pad, False)
-                ys = y
-            else:
-                ys, ok = _shift(y, t, Y_c, corr_stride, corr_pad, False)
-                xs = x
-            v = tl.load(corr_ptr + (b * C + ch) * Y_c * X_c + ys * X_c + xs, mask=mask & ok, other=0.0)
-            grad += tl.where(shifts[None, :] == t, tl.sum(acc * v.to(tl.float32)[None, :], axis=1)[:, None], 0.0)
+        for t in range(K):  # plain shifts along the other axis
+            v = _plane_tap(corr_ptr, b * C + ch, y, x, mask, t, Y_c, X_c, corr_stride, corr_pad, 1 - AXIS, False)
+            grad += tl.where(shifts[None, :] == t, tl.sum(acc * v[None, :], axis=1)[:, None], 0.0)
         program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
         tl.store(grad_part_ptr + (program * J_PAD + slots[:, None]) * K_PAD + shifts[None, :], grad)
 
