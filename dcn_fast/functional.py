@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from contextlib import nullcontext
@@ -176,13 +177,29 @@ def _validate(input, scale, alpha, order, truncate, stride, padding, groups, bia
     return _Spec(sharing, radius, stride, pad)
 
 
-def resolve_backend(backend: str, input: torch.Tensor, dtype: torch.dtype | None = None) -> str:
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether the Triton kernels import (Triton installed and working)."""
+    try:
+        from .kernels import srf_conv2d  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(
+    backend: str, input: torch.Tensor, dtype: torch.dtype | None = None, alpha: torch.Tensor | None = None,
+    groups: int = 1,
+) -> str:
     """The backend that runs for ``backend`` on ``input``'s device.
 
-    ``auto`` picks ``cpu`` (the C++ kernel) for float32/float64 CPU tensors when
-    it is built, else ``separable`` (also on CUDA: the ``triton`` backend is
-    chosen explicitly until it has been measured against it on a GPU). An explicit ``cpu`` without the built kernel falls back
-    to ``separable`` with one warning.
+    ``auto``, as measured (README, Benchmarks): float32/float64 CPU tensors →
+    ``cpu`` (the C++ kernel, when it builds), other CPU dtypes → ``separable``;
+    CUDA → ``triton`` where the kernels take the call (groups = 1, at most 256
+    output channels, float32/bf16/fp16, Triton installed: on an H100 it beat
+    ``separable`` at every DCN block shape, σ and pass), else ``separable``.
+    An explicit ``cpu`` without the built kernel falls back to ``separable``
+    with one warning.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
@@ -190,10 +207,19 @@ def resolve_backend(backend: str, input: torch.Tensor, dtype: torch.dtype | None
         raise ValueError(f"backend='cpu' needs CPU tensors, got input on {input.device}")
     # The C++ kernel computes in float32 and float64; lower precisions (autocast,
     # bf16 models) take the separable path, whose convolutions support them.
-    full_precision = (dtype or input.dtype) in (torch.float32, torch.float64)
+    dtype = dtype or input.dtype
+    full_precision = dtype in (torch.float32, torch.float64)
     if backend == "auto":
-        cpu = input.device.type == "cpu" and full_precision and ops.cpu_kernel_available()
-        return "cpu" if cpu else "separable"
+        if input.device.type == "cpu":
+            return "cpu" if full_precision and ops.cpu_kernel_available() else "separable"
+        if input.device.type == "cuda" and triton_available():
+            from .kernels.srf_conv2d import supports
+
+            meta = torch.empty(input.shape, dtype=dtype, device="meta")  # shapes only, no data
+            coefficients = torch.empty(alpha.shape if alpha is not None else (1, input.shape[1], 1), device="meta")
+            if supports(meta, coefficients, groups) is None:
+                return "triton"
+        return "separable"
     if backend == "triton":
         if input.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
@@ -202,7 +228,7 @@ def resolve_backend(backend: str, input: torch.Tensor, dtype: torch.dtype | None
             )
         return backend
     if backend == "cpu" and not full_precision:
-        raise ValueError(f"backend='cpu' computes in float32 or float64, got {dtype or input.dtype}")
+        raise ValueError(f"backend='cpu' computes in float32 or float64, got {dtype}")
     if backend == "cpu" and not ops.cpu_kernel_available(warn=True):
         return "separable"
     return backend
@@ -267,7 +293,7 @@ def srf_conv2d(
     """
     spec = _validate(input, scale, alpha, order, truncate, stride, padding, groups, bias, kernel_size, taps)
     dtype = torch.promote_types(input.dtype, alpha.dtype)
-    name = resolve_backend(backend, input, dtype)
+    name = resolve_backend(backend, input, dtype, alpha, groups)
     if name == "reference":
         return srf_conv2d_reference(
             input, scale, alpha, order, truncate, spec.stride, spec.padding, groups, bias, kernel_size

@@ -294,3 +294,22 @@ def test_under_cpu_autocast(backend_name):
         out = srf_conv2d(x.bfloat16(), s, a, backend=backend_name)
     assert out.dtype == torch.float32
     assert rel_err(out, srf_conv2d(x.bfloat16().float(), s, a, backend="reference")) < 1e-5
+
+
+def test_auto_rule_for_cuda_as_measured(monkeypatch):
+    """CUDA: triton where its kernels take the call, else separable (a CUDA-typed meta tensor stands in)."""
+    from dcn_fast import functional
+
+    class CudaLike:
+        def __init__(self, shape, dtype):
+            self.shape, self.dtype, self.device = torch.Size(shape), dtype, torch.device("cuda")
+
+    monkeypatch.setattr(functional, "triton_available", lambda: True)
+    x = CudaLike((8, 33, 30, 30), torch.float32)
+    assert functional.resolve_backend("auto", x, torch.float32, torch.empty(6, 33, 32)) == "triton"
+    assert functional.resolve_backend("auto", x, torch.bfloat16, torch.empty(6, 33, 32)) == "triton"
+    assert functional.resolve_backend("auto", x, torch.float64, torch.empty(6, 33, 32)) == "separable"
+    assert functional.resolve_backend("auto", x, torch.float32, torch.empty(6, 11, 32), groups=3) == "separable"
+    assert functional.resolve_backend("auto", x, torch.float32, torch.empty(6, 33, 512)) == "separable"
+    monkeypatch.setattr(functional, "triton_available", lambda: False)
+    assert functional.resolve_backend("auto", x, torch.float32, torch.empty(6, 33, 32)) == "separable"
