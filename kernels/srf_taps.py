@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .srf_conv2d import _pow2
+
 __all__ = ["srf_taps_triton"]
 
 
@@ -60,7 +62,7 @@ class _SRFTapsTriton(torch.autograd.Function):
         dtaps = torch.empty_like(taps)
         _srf_taps_kernel[(flat.numel(),)](
             flat, taps, dtaps, truncate if truncate is not None else 0.0,
-            RADIUS=radius, K_PAD=triton.next_power_of_2(2 * radius + 1), ORDER=order, TRUNCATE=truncate is not None,
+            RADIUS=radius, K_PAD=_pow2(2 * radius + 1), ORDER=order, TRUNCATE=truncate is not None,
         )
         ctx.save_for_backward(dtaps)
         ctx.scale_shape = scale.shape
