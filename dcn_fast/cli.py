@@ -62,7 +62,8 @@ def bench_layer(args: argparse.Namespace) -> int:
             for backend in backends:
                 out = srf_conv2d(x, scale, alpha, backend=backend)
                 error = float((out - expected).detach().abs().max() / expected.detach().abs().max())
-                if error > 1e-4:
+                # cuDNN convolutions (the reference, separable) use TF32 by default on CUDA.
+                if error > (5e-3 if device.type == "cuda" else 1e-4):
                     print(f"error: {backend} differs from the reference by {error:.2e}", file=sys.stderr)
                     return 1
                 step = lambda b=backend: torch.autograd.grad(  # noqa: E731
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backends",
         nargs="+",
         choices=[b for b in BACKENDS if b != "auto"],
-        default=["separable", "cpu"] if not torch.cuda.is_available() else ["separable"],
+        default=["separable", "cpu"] if not torch.cuda.is_available() else ["separable", "triton"],
         help="backends to compare with the reference",
     )
     bench.add_argument("--sigmas", nargs="+", type=_sigma, default=list(BENCH_SIGMAS), help="σ values (default: 0.5 1 2)")
