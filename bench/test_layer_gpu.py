@@ -45,8 +45,7 @@ def _layer(kind, layer, scale, alpha, radius):
             srf.scale.copy_(scale)
         return srf
     k = 3 if kind == "cudnn3x3" else 2 * radius + 1
-    conv = torch.nn.Conv2d(layer.in_channels, layer.out_channels, k, padding=k // 2, bias=False, device=dev)
-    return conv
+    return torch.nn.Conv2d(layer.in_channels, layer.out_channels, k, padding=k // 2, bias=False, device=dev)
 
 
 @pytest.mark.parametrize("passes", PASSES)

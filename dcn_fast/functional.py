@@ -215,9 +215,8 @@ def resolve_backend(
         if input.device.type == "cuda" and triton_available():
             from .kernels.srf_conv2d import supports
 
-            meta = torch.empty(input.shape, dtype=dtype, device="meta")  # shapes only, no data
-            coefficients = torch.empty(alpha.shape if alpha is not None else (1, input.shape[1], 1), device="meta")
-            if supports(meta, coefficients, groups) is None:
+            alpha_shape = alpha.shape if alpha is not None else (1, input.shape[1], 1)
+            if supports(input.shape, dtype, alpha_shape, groups) is None:
                 return "triton"
         return "separable"
     if backend == "triton":

@@ -44,19 +44,19 @@ __all__ = ["srf_conv2d_triton", "supports"]
 MAX_OUT_CHANNELS = 256
 
 
-def supports(input: torch.Tensor, alpha: torch.Tensor, groups: int) -> str | None:
-    """None if the Triton kernels take this call, else the reason they do not."""
+def supports(input_shape: tuple[int, ...], dtype: torch.dtype, alpha_shape: tuple[int, ...], groups: int) -> str | None:
+    """None if the Triton kernels take a call with these shapes, else the reason they do not."""
     if groups != 1:
         return "groups != 1"
-    if alpha.shape[2] > MAX_OUT_CHANNELS:
+    if alpha_shape[2] > MAX_OUT_CHANNELS:
         return f"more than {MAX_OUT_CHANNELS} output channels"
-    if input.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"dtype {input.dtype} (float32, float16, bfloat16 only)"
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {dtype} (float32, float16, bfloat16 only)"
     # The kernels index in int32; the largest buffer is G [B, F, C_in, Ho, Wo] (Ho, Wo <= H, W).
-    batch, c_in, height, width = input.shape
+    batch, c_in, height, width = input_shape
     if batch > 65535:
         return "batch > 65535 (a grid dimension of the 1-D passes)"
-    if batch * _pow2(alpha.shape[0]) * c_in * height * width >= 2**31:
+    if batch * _pow2(alpha_shape[0]) * c_in * height * width >= 2**31:
         return "more than 2^31 elements in the response gradient [B, F, C_in, H, W] (split the batch)"
     return None
 
@@ -477,7 +477,7 @@ class _SRFConv2dTriton(torch.autograd.Function):
 
 def srf_conv2d_triton(input, taps, alpha, order, stride, padding, groups, bias=None):
     """Triton SRF convolution (the contract of :func:`dcn_fast.separable.separable_srf_conv2d`, plus a fused bias)."""
-    reason = supports(input, alpha, groups)
+    reason = supports(input.shape, input.dtype, alpha.shape, groups)
     if reason is not None:
         raise ValueError(f"the triton backend does not take this call: {reason}")
     return _SRFConv2dTriton.apply(input, taps, alpha, bias, order, tuple(stride), tuple(padding))
