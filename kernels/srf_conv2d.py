@@ -31,6 +31,7 @@ the host: a call can be captured in a CUDA graph. Runs on the CPU under
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -338,33 +339,34 @@ def _terms(order: int, kind: str, device: torch.device) -> torch.Tensor:
     return torch.tensor(terms, dtype=torch.int32).to(device)
 
 
+def _pass_grid(batch: int, channels: int, out_size: tuple[int, int]) -> tuple[int, int]:
+    """Grid of ``_pass_kernel`` (the long axis first: grid dims 1 and 2 stop at 65535)."""
+    return _cdiv(channels * out_size[0] * out_size[1], _PASS_BLOCK), batch
+
+
 def _one_d_pass(src, taps, order, kind, out_slots, out_size, stride, pad, axis, transposed,
                 dtype=torch.float32, store=True, correlate=None):
     """One 1-D pass (``_pass_kernel``) of ``src [B, S, C, Y, X]`` into ``[B, out_slots, C, *out_size]``.
 
-    Returns ``(output, tap_gradient)``. ``correlate=(x, stride, pad)``: the tap gradient ``[out_slots, K]``
-    of the pass along the other axis, ``Σ out[b, j, i, e] · x[b, i, shifted e]`` (per-program partials
-    summed in fixed order), else None. ``store=False``: the output is not written (None).
+    Returns the output (None if ``store=False``). ``correlate=(x, stride, pad, partials)``: also fills
+    ``partials [programs, pow2(out_slots), pow2(K)]`` (programs of :func:`_pass_grid`) with per-program
+    partial sums of ``Σ out[b, j, i, e] · x[b, i, e shifted by tap t]`` along the other axis — the tap
+    gradient of that axis, once the caller sums ``partials`` over its first dimension.
     """
     batch, slots, channels, y_in, x_in = src.shape
     k, dev = taps.shape[1], src.device
     out = torch.empty(batch, out_slots, channels, *out_size, device=dev, dtype=dtype) if store else None
     terms = _terms(order, kind, dev)
-    grid = (_cdiv(channels * out_size[0] * out_size[1], _PASS_BLOCK), batch)  # grid dims 1, 2 stop at 65535
-    j_pad, k_pad = _pow2(out_slots), _pow2(k)
-    if correlate is not None:
-        x, corr_stride, corr_pad = correlate
-        grad_part = torch.empty(grid[0] * grid[1], j_pad, k_pad, device=dev)
-    else:
-        x, corr_stride, corr_pad, grad_part = src, 1, 0, src
+    grid = _pass_grid(batch, channels, out_size)
+    x, corr_stride, corr_pad, partials = correlate if correlate is not None else (src, 1, 0, src)
     _pass_kernel[grid](
-        src, taps, terms, src if out is None else out, x, grad_part,
+        src, taps, terms, src if out is None else out, x, partials,
         terms.shape[0], slots, out_slots, channels, y_in, x_in, *out_size, stride, pad,
         *x.shape[-2:], corr_stride, corr_pad,
-        K=k, AXIS=axis, TRANSPOSED=transposed, J_PAD=j_pad, BLOCK=_PASS_BLOCK,
-        STORE=store, CORRELATE=correlate is not None, K_PAD=k_pad,
+        K=k, AXIS=axis, TRANSPOSED=transposed, J_PAD=_pow2(out_slots), BLOCK=_PASS_BLOCK,
+        STORE=store, CORRELATE=correlate is not None, K_PAD=_pow2(k),
     )
-    return out, None if correlate is None else grad_part.sum(0)[:out_slots, :k]
+    return out
 
 
 def _geometry(input, taps, alpha, stride, padding):
@@ -377,8 +379,7 @@ def _geometry(input, taps, alpha, stride, padding):
 
 def _row_pass(x, taps, order, stride, padding, out_h):
     """V_l = b_l ⊛_H x with rows strided: ``[B, N+1, C, Ho, W]``."""
-    v, _ = _one_d_pass(x[:, None], taps, order, "taps", order + 1, (out_h, x.shape[3]), stride[0], padding[0], 0, False)
-    return v
+    return _one_d_pass(x[:, None], taps, order, "taps", order + 1, (out_h, x.shape[3]), stride[0], padding[0], 0, False)
 
 
 def forward(input, taps, alpha, bias, order, stride, padding):
@@ -437,23 +438,28 @@ def backward(grad_out, input, taps, alpha, order, stride, padding, needs):
     grad_input = grad_taps = grad_alpha = None
     if need_alpha:
         grad_alpha = alpha_part.sum(0)[:n_basis].to(alpha.dtype)
+    if need_taps:
+        # Both tap gradients (row taps from the W pass, column taps from the H pass) are partial sums
+        # in one buffer: one reduction gives their sum, the gradient of the shared taps.
+        programs = [math.prod(_pass_grid(batch, c_in, size)) for size in ((out_h, width), (height, out_w))]
+        tap_part = torch.empty(sum(programs), _pow2(order + 1), _pow2(k), device=dev)
+        row_part, col_part = tap_part.split(programs)
     if need_resp:
         # gV_l = Σ_(f: l(f)=l) b_m(f) ⊛ᵀ_W G_f; against x along H it is the gradient of b_l (row taps).
-        grad_v, row_grad = _one_d_pass(
+        grad_v = _one_d_pass(
             grad_resp, taps32, order, "responses_w", order + 1, (out_h, width), stride[1], padding[1], 1, True,
-            store=need_input, correlate=(x, stride[0], padding[0]) if need_taps else None,
+            store=need_input, correlate=(x, stride[0], padding[0], row_part) if need_taps else None,
         )
     if need_taps:
         # gH_m = Σ_(f: m(f)=m) b_l(f) ⊛ᵀ_H G_f against x along W: the gradient of b_m (column taps).
-        _, col_grad = _one_d_pass(
+        _one_d_pass(
             grad_resp, taps32, order, "responses_h", order + 1, (height, out_w), stride[0], padding[0], 0, True,
-            store=False, correlate=(x, stride[1], padding[1]),
+            store=False, correlate=(x, stride[1], padding[1], col_part),
         )
-        grad_taps = (row_grad + col_grad).to(taps.dtype)
+        grad_taps = tap_part.sum(0)[: order + 1, :k].to(taps.dtype)
     if need_input:
-        grad_input, _ = _one_d_pass(grad_v, taps32, order, "rows", 1, (height, width), stride[0], padding[0], 0, True,
-                                    dtype=x.dtype)
-        grad_input = grad_input[:, 0]
+        grad_input = _one_d_pass(grad_v, taps32, order, "rows", 1, (height, width), stride[0], padding[0], 0, True,
+                                 dtype=x.dtype)[:, 0]
     return grad_input, grad_taps, grad_alpha
 
 

@@ -180,3 +180,41 @@ def test_ode_time_convolution_on_triton():
     grads = [torch.autograd.grad(out.square().sum(), list(conv.parameters())) for out, conv in zip(outs, convs)]
     for g, e in zip(*grads):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_backward_launches_five_kernels_and_two_reductions(monkeypatch):
+    """What the backward asks of the GPU, counted on the host (the kernels stubbed): the V pass, the weights
+    kernel, three 1-D passes, and two reductions — α's partial sums, and both taps' partial sums in one
+    buffer. tests/test_gpu.py counts the launches of a whole layer call with the CUDA profiler."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dcn_fast.kernels import srf_conv2d as kernels
+
+    launched = []
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(self.name)
+
+    for name in ("_pass_kernel", "_srf_bwd_weights_kernel"):
+        monkeypatch.setattr(kernels, name, Stub(name))
+    no_kernel = {"empty.memory_format", "slice.Tensor", "select.int", "split_with_sizes.default", "split.Tensor",
+                 "unsqueeze.default", "view.default", "alias.default", "detach.default"}
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._opname + "." + func._overloadname not in no_kernel:
+                launched.append(func._opname)
+            return func(*args, **(kwargs or {}))
+
+    x, taps, alpha = torch.randn(2, 3, 9, 9), torch.randn(3, 7), torch.randn(6, 3, 4)
+    grad_out = torch.randn(2, 4, 9, 9)
+    args = (grad_out, x, taps, alpha, 2, (1, 1), (3, 3), (True, True, True))
+    kernels.backward(*args)  # fills the host caches of pass terms and basis pairs (made once per device)
+    launched.clear()
+    with Ops():
+        kernels.backward(*args)
+    assert sorted(launched) == sorted(["_pass_kernel"] * 4 + ["_srf_bwd_weights_kernel", "sum", "sum"])
