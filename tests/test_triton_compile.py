@@ -29,8 +29,22 @@ OUT_CHANNELS = (32, 64, 128)  # DCN block shapes
 
 
 def _ptxas() -> str | None:
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    return path if os.access(path, os.X_OK) else None
+    """The ptxas Triton itself assembles sm_90 code with: it picks the PTX version
+    from that binary, so pairing its PTX with another ptxas fails (Triton 3.9 emits
+    PTX 9.4 for its CUDA 13.x ptxas; its legacy bundled ptxas is CUDA 12.9).
+    ``get_ptxas`` changed shape across releases (no argument / the arch; a tool
+    object / a (path, version) pair), hence the fallbacks down to the bundled file."""
+    try:
+        import inspect
+
+        from triton.backends.nvidia import compiler
+
+        get = compiler.get_ptxas
+        tool = get(90) if inspect.signature(get).parameters else get()
+        path = tool.path if hasattr(tool, "path") else tool[0]
+    except Exception:  # no NVIDIA backend, or an API this test does not know
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return path if path and os.access(path, os.X_OK) else None
 
 
 def _compile(fn, constexprs: dict, num_warps: int) -> dict:
