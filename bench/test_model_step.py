@@ -39,10 +39,10 @@ def batch():
 def test_sgd_step(benchmark, batch, name, adjoint, backend):
     x, y = batch
     if name == "published-dcn-ode":
-        model = published_dcn_ode(adjoint=adjoint)
+        model = published_dcn_ode(gradient="adjoint" if adjoint else "backprop")
     else:
         torch.manual_seed(0)
-        model = build(name, adjoint=adjoint, backend=backend)
+        model = build(name, gradient="adjoint" if adjoint else "backprop", backend=backend)
     model.to(DEVICE)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from .functional import BACKENDS, srf_conv2d
+from .ode import GRADIENTS
 from .shapes import BENCH_SIGMAS, DCN_BLOCK_LAYERS
 
 __all__ = ["main"]
@@ -101,7 +102,7 @@ def run_train(args: argparse.Namespace) -> int:
         out=args.out or time.strftime(f"runs/{args.model}-%Y%m%d-%H%M%S"),
         amp=args.amp,
         device=args.device,
-        adjoint=args.adjoint,
+        gradient=args.gradient,
         seminorm=args.seminorm,
         rtol=args.rtol,
         atol=args.atol,
@@ -184,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="output folder (default: runs/<model>-<date>-<time>)")
     train.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
     train.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    train.add_argument("--no-adjoint", dest="adjoint", action="store_false",
-                       help="backpropagate through the solver instead of solving the adjoint ODE")
+    train.add_argument("--gradient", choices=GRADIENTS, default="adjoint",
+                       help="how ODE solves are differentiated: adjoint ODE solved backwards, or backprop "
+                            "through the solver (default: adjoint)")
     train.add_argument("--seminorm", action="store_true",
                        help="adjoint with torchdiffeq's seminorm: step control ignores the parameter adjoints")
     train.add_argument("--rtol", type=float, default=1e-3, help="solver relative tolerance (default: 1e-3)")

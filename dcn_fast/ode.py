@@ -22,7 +22,10 @@ from .separable import dense_filters
 from .functional import checked_radius, srf_conv2d
 from .modules import SRFConv2d
 
-__all__ = ["TimeConv", "ODEFunc", "ODEBlock", "META_KINDS"]
+__all__ = ["TimeConv", "ODEFunc", "ODEBlock", "META_KINDS", "GRADIENTS"]
+
+#: How an ODE block differentiates its solve (see :class:`ODEBlock`).
+GRADIENTS = ("adjoint", "backprop")
 
 #: Meta-parametrised scale/coefficient laws of the paper's Table 4.
 META_KINDS = ("sigma_t", "sigma_t2", "sigma_alpha_t")
@@ -220,8 +223,11 @@ class ODEBlock(nn.Module):
             with an ``nfe`` counter).
         T: end time (DCN: 2, ODE-Net: 1).
         method, rtol, atol, options: passed to ``torchdiffeq.odeint``.
-        adjoint: solve the adjoint ODE for gradients (memory O(1) in the number
-            of steps) instead of backpropagating through the solver.
+        gradient: how the solve is differentiated: ``"adjoint"`` solves the
+            adjoint ODE backwards (memory O(1) in the number of steps, gradients
+            only as exact as that second solve); ``"backprop"`` backpropagates
+            through every operation of the solver (exact, memory grows with
+            every evaluation).
         adjoint_options: e.g. ``{"norm": "seminorm"}`` (fewer backward steps).
 
     ``nfe_forward`` / ``nfe_backward`` hold the evaluations of the last forward
@@ -235,7 +241,7 @@ class ODEBlock(nn.Module):
         method: str = "dopri5",
         rtol: float = 1e-3,
         atol: float = 1e-3,
-        adjoint: bool = True,
+        gradient: str = "adjoint",
         options: dict | None = None,
         adjoint_options: dict | None = None,
     ) -> None:
@@ -245,8 +251,10 @@ class ODEBlock(nn.Module):
         for name, tol in (("rtol", rtol), ("atol", atol)):
             if not (isinstance(tol, (int, float)) and tol > 0):
                 raise ValueError(f"{name} must be > 0, got {tol!r}")
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {', '.join(map(repr, GRADIENTS))}, got {gradient!r}")
         self.func, self.T, self.method = func, float(T), method
-        self.rtol, self.atol, self.adjoint = rtol, atol, adjoint
+        self.rtol, self.atol, self.gradient = rtol, atol, gradient
         self.options, self.adjoint_options = options, adjoint_options
         self.nfe_forward = 0
         self.nfe_backward = 0
@@ -263,7 +271,7 @@ class ODEBlock(nn.Module):
         for conv in self._time_convs():
             conv.begin_solve()
         try:
-            if self.adjoint:
+            if self.gradient == "adjoint":
                 kwargs = {"adjoint_options": self.adjoint_options} if self.adjoint_options else {}
                 out = torchdiffeq.odeint_adjoint(
                     self.func, x, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options,
@@ -286,4 +294,4 @@ class ODEBlock(nn.Module):
         return self.nfe_backward
 
     def extra_repr(self) -> str:
-        return f"T={self.T}, method={self.method!r}, rtol={self.rtol}, atol={self.atol}, adjoint={self.adjoint}"
+        return f"T={self.T}, method={self.method!r}, rtol={self.rtol}, atol={self.atol}, gradient={self.gradient!r}"

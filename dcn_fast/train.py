@@ -52,7 +52,7 @@ class TrainConfig:
     out: str = "runs/dcn-ode"  # the CLI defaults to runs/<model>-<date>-<time>
     amp: str | None = None
     device: str | None = None
-    adjoint: bool = True
+    gradient: str = "adjoint"  # how ODE solves are differentiated (dcn_fast.ode.GRADIENTS)
     seminorm: bool = False  # adjoint step control on the state only (fewer backward steps)
     rtol: float = 1e-3
     atol: float = 1e-3
@@ -145,7 +145,7 @@ def _build_model(config: TrainConfig) -> torch.nn.Module:
         backend=config.backend,
         rtol=config.rtol,
         atol=config.atol,
-        adjoint=config.adjoint,
+        gradient=config.gradient,
         adjoint_options={"norm": "seminorm"} if config.seminorm else None,
     )
 

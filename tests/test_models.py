@@ -17,7 +17,7 @@ def test_parameter_counts_of_table_1(name):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_forward_backward_shapes(name):
     # Loose tolerances keep the solver short; the shapes and the gradient flow are what is tested.
-    model = build(name, rtol=0.5, atol=0.5, adjoint=name == "dcn-ode", num_classes=7)
+    model = build(name, rtol=0.5, atol=0.5, gradient="adjoint" if name == "dcn-ode" else "backprop", num_classes=7)
     x = torch.randn(2, 3, 32, 32)
     logits = model(x)
     assert logits.shape == (2, 7)
@@ -71,15 +71,15 @@ def test_adjoint_gradients_match_backprop_through_the_solver():
     func = ODEFunc(3, "srf", norm_groups=1).double()
     x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
     grads = {}
-    for adjoint in (False, True):
-        block = ODEBlock(func, T=0.5, rtol=1e-10, atol=1e-10, adjoint=adjoint)
+    for gradient in ("backprop", "adjoint"):
+        block = ODEBlock(func, T=0.5, rtol=1e-10, atol=1e-10, gradient=gradient)
         func.zero_grad()
         xi = x.clone().requires_grad_()
         block(xi).sin().sum().backward()
-        grads[adjoint] = [xi.grad] + [p.grad.clone() for p in func.parameters()]
+        grads[gradient] = [xi.grad] + [p.grad.clone() for p in func.parameters()]
     # Both are solver approximations of the same gradient; at tolerance 1e-10
     # they agree to ~1e-5 of the largest entry (1e-3 at tolerance 1e-6).
-    for direct, adjoint in zip(grads[False], grads[True]):
+    for direct, adjoint in zip(grads["backprop"], grads["adjoint"]):
         assert float((adjoint - direct).abs().max() / direct.abs().max()) < 1e-4
 
 
@@ -98,7 +98,7 @@ def test_seminorm_adjoint_gives_the_same_gradients_with_fewer_steps():
     x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
     results = {}
     for options in (None, {"norm": "seminorm"}):
-        block = ODEBlock(func, T=0.5, rtol=1e-8, atol=1e-8, adjoint=True, adjoint_options=options)
+        block = ODEBlock(func, T=0.5, rtol=1e-8, atol=1e-8, gradient="adjoint", adjoint_options=options)
         func.zero_grad()
         block(x).sin().sum().backward()
         results[options is None] = ([p.grad.clone() for p in func.parameters()], block.count_backward())

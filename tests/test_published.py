@@ -20,9 +20,9 @@ def test_published_filters_equal_the_reference():
 
 
 def test_published_dcn_ode_equals_ours():
-    published = published_dcn_ode(adjoint=False, rtol=1e-6, atol=1e-6)
+    published = published_dcn_ode(gradient="backprop", rtol=1e-6, atol=1e-6)
     torch.manual_seed(0)
-    ours = build("dcn-ode", adjoint=False, rtol=1e-6, atol=1e-6)
+    ours = build("dcn-ode", gradient="backprop", rtol=1e-6, atol=1e-6)
     assert published.num_parameters() == ours.num_parameters()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
