@@ -11,6 +11,7 @@ float rounding. With static weights M is computed once per solve.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .basis import num_basis, srf_taps
+from .checkpoint import CHECKPOINT_METHODS, check_method, checkpointed_odeint, first_step
 from .separable import dense_filters
 from .functional import checked_radius, srf_conv2d
 from .modules import SRFConv2d
@@ -25,7 +27,7 @@ from .modules import SRFConv2d
 __all__ = ["TimeConv", "ODEFunc", "ODEBlock", "META_KINDS", "GRADIENTS"]
 
 #: How an ODE block differentiates its solve (see :class:`ODEBlock`).
-GRADIENTS = ("adjoint", "backprop")
+GRADIENTS = ("checkpoint", "adjoint", "backprop")
 
 #: Meta-parametrised scale/coefficient laws of the paper's Table 4.
 META_KINDS = ("sigma_t", "sigma_t2", "sigma_alpha_t")
@@ -223,11 +225,20 @@ class ODEBlock(nn.Module):
             with an ``nfe`` counter).
         T: end time (DCN: 2, ODE-Net: 1).
         method, rtol, atol, options: passed to ``torchdiffeq.odeint``.
-        gradient: how the solve is differentiated: ``"adjoint"`` solves the
-            adjoint ODE backwards (memory O(1) in the number of steps, gradients
-            only as exact as that second solve); ``"backprop"`` backpropagates
-            through every operation of the solver (exact, memory grows with
-            every evaluation).
+        gradient: how the solve is differentiated (step sizes count as
+            constants in every mode):
+
+            - ``"checkpoint"``: the forward keeps no graph, only each accepted
+              step's start; the backward replays the accepted steps last to
+              first under autograd, one step's graph at a time
+              (:mod:`dcn_fast.checkpoint`). Exact (equal to ``"backprop"`` to
+              float rounding); memory ~ accepted steps × state size + one step;
+              needs an adaptive Runge–Kutta ``method``.
+            - ``"adjoint"``: solves the adjoint ODE backwards (torchdiffeq's
+              ``odeint_adjoint``): memory O(1) in the number of steps, gradients
+              only as exact as that second solve, ~1.5× the forward's evaluations.
+            - ``"backprop"``: backpropagates through every operation of the
+              solver: exact, memory grows with every evaluation.
         adjoint_options: e.g. ``{"norm": "seminorm"}`` (fewer backward steps).
 
     ``nfe_forward`` / ``nfe_backward`` hold the evaluations of the last forward
@@ -253,6 +264,8 @@ class ODEBlock(nn.Module):
                 raise ValueError(f"{name} must be > 0, got {tol!r}")
         if gradient not in GRADIENTS:
             raise ValueError(f"gradient must be one of {', '.join(map(repr, GRADIENTS))}, got {gradient!r}")
+        if gradient == "checkpoint":
+            check_method(method, options)
         self.func, self.T, self.method = func, float(T), method
         self.rtol, self.atol, self.gradient = rtol, atol, gradient
         self.options, self.adjoint_options = options, adjoint_options
@@ -263,30 +276,50 @@ class ODEBlock(nn.Module):
     def _time_convs(self):
         return [m for m in self.func.modules() if isinstance(m, TimeConv)]
 
+    @contextmanager
+    def _solve_scope(self):
+        """The evaluations of one solve (or of its replay) share the layers' taps and time maps."""
+        convs = self._time_convs()
+        for conv in convs:
+            conv.begin_solve()
+        try:
+            yield
+        finally:
+            for conv in convs:
+                conv.end_solve()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torchdiffeq
 
-        t = torch.tensor([0.0, self.T], dtype=x.dtype, device=x.device)
         start = self.func.nfe
-        for conv in self._time_convs():
-            conv.begin_solve()
-        try:
-            if self.gradient == "adjoint":
-                kwargs = {"adjoint_options": self.adjoint_options} if self.adjoint_options else {}
-                out = torchdiffeq.odeint_adjoint(
-                    self.func, x, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options,
-                    adjoint_params=tuple(self.func.parameters()), **kwargs,
-                )
+        params = [p for p in self.func.parameters() if p.requires_grad]
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or bool(params))
+        solver = dict(rtol=self.rtol, atol=self.atol, method=self.method)
+        # Outside the solve's scope: its graph-free evaluations must not fill the taps cache.
+        backprop_options = self._backprop_options(x) if self.gradient == "backprop" and needs_grad else self.options
+        with self._solve_scope():
+            if self.gradient == "checkpoint" and needs_grad:
+                out = checkpointed_odeint(self.func, x, self.T, params=params, options=self.options,
+                                          scope=self._solve_scope, **solver)
             else:
-                out = torchdiffeq.odeint(
-                    self.func, x, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options
-                )
-        finally:
-            for conv in self._time_convs():
-                conv.end_solve()
+                t = torch.tensor([0.0, self.T], dtype=x.dtype, device=x.device)
+                if self.gradient == "adjoint" and needs_grad:
+                    kwargs = {"adjoint_options": self.adjoint_options} if self.adjoint_options else {}
+                    out = torchdiffeq.odeint_adjoint(self.func, x, t, options=self.options,
+                                                     adjoint_params=tuple(params), **solver, **kwargs)[1]
+                else:
+                    out = torchdiffeq.odeint(self.func, x, t, options=backprop_options, **solver)[1]
         self.nfe_forward = self.func.nfe - start
         self._nfe_after_forward = self.func.nfe
-        return out[1]
+        return out
+
+    def _backprop_options(self, x: torch.Tensor) -> dict | None:
+        """Solver options with the first step size chosen without a gradient (as every later one is)."""
+        options = self.options
+        if self.method in CHECKPOINT_METHODS and "first_step" not in (options or {}):
+            options = {**(options or {}), "first_step": first_step(self.func, x, self.rtol, self.atol,
+                                                                   self.method, options)}
+        return options
 
     def count_backward(self) -> int:
         """Evaluations since the end of the last forward (call after ``backward()``)."""

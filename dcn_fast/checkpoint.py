@@ -1,0 +1,255 @@
+"""Exact gradients of an adaptive ODE solve with one step's graph in memory.
+
+``checkpointed_odeint`` solves ``dy/dt = func(t, y)`` from 0 to T with a
+torchdiffeq Runge–Kutta solver and differentiates the solution exactly as
+backpropagation through that solver would (DESIGN.md §3; ACA, Zhuang et al.
+2020), without keeping the solver's graph:
+
+- the forward solve builds no graph; per *accepted* step it keeps the step's
+  start (t₀, y₀, dt) and the derivative f₀ = func(t₀, y₀) that the step reused
+  from the previous one (first-same-as-last), so memory grows with
+  accepted steps × state size;
+- the backward replays the accepted steps last to first under autograd with
+  torchdiffeq's own step function and tableau (rejected steps never), each
+  step a function ``(y₀, f₀) → (y₁, f₁)`` — the last one ending in the dense
+  output at T that the forward returned — and backpropagates through it, so
+  one step's graph is alive at a time.
+
+Step sizes are solver decisions, not functions of the inputs: no gradient
+flows through them here, as in torchdiffeq for every step size but the first
+(``ODEBlock(gradient="backprop")`` chooses the first one without a gradient too,
+so the two modes agree to float rounding).
+
+torchdiffeq exports only ``odeint``; the step function, tableaus and dense
+output used to replay a step are its internals (stable since 0.2.0), imported
+here by name and checked at import: a torchdiffeq without them makes
+``gradient="checkpoint"`` raise with the reason, the other modes unaffected.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+try:
+    from torchdiffeq._impl.interp import _interp_evaluate, _interp_fit
+    from torchdiffeq._impl.misc import Perturb, _rms_norm, _select_initial_step
+    from torchdiffeq._impl.odeint import SOLVERS
+    from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver, _runge_kutta_step
+except ImportError as exc:  # pragma: no cover - depends on the installed torchdiffeq
+    _MISSING: Exception | None = exc
+else:
+    _MISSING = None
+
+__all__ = ["checkpointed_odeint", "first_step", "CHECKPOINT_METHODS"]
+
+#: Solvers whose accepted steps can be replayed: torchdiffeq's adaptive Runge–Kutta methods.
+CHECKPOINT_METHODS = tuple(
+    name for name, solver in (SOLVERS.items() if _MISSING is None else ())
+    if issubclass(solver, RKAdaptiveStepsizeODESolver)
+)
+
+
+def check_method(method: str, options: dict | None) -> None:
+    """Raise unless ``checkpointed_odeint`` can replay ``method`` with ``options``."""
+    if _MISSING is not None:
+        raise RuntimeError(
+            f"gradient='checkpoint' replays torchdiffeq's Runge-Kutta steps, and this torchdiffeq lacks them "
+            f"({_MISSING}); use gradient='adjoint' or 'backprop', or torchdiffeq 0.2.3-0.2.5"
+        )
+    if method not in CHECKPOINT_METHODS:
+        raise ValueError(
+            f"gradient='checkpoint' needs an adaptive Runge-Kutta method ({', '.join(CHECKPOINT_METHODS)}), "
+            f"got method={method!r}"
+        )
+    unsupported = {"step_t", "jump_t"} & set(options or {})
+    if unsupported:
+        raise ValueError(f"gradient='checkpoint' does not support the solver options {sorted(unsupported)}")
+
+
+class _Recorder:
+    """``func`` as torchdiffeq calls it during the graph-free forward, recording what a replay needs.
+
+    torchdiffeq evaluates f(t₀, y₀) first and hands each step the last stage
+    of the previous accepted one as its f₀; on acceptance it calls
+    ``callback_accept_step(t₀, y₀, dt)`` after the step's evaluations.
+    """
+
+    def __init__(self, func: Callable) -> None:
+        self.func = func
+        self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.f_start: torch.Tensor | None = None  # f₀ of the step being attempted
+        self.f_last: torch.Tensor | None = None
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        f = self.func(t, y)
+        if self.f_start is None:
+            self.f_start = f
+        self.f_last = f
+        return f
+
+    def callback_accept_step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
+        self.steps.append((t0, y0, dt, self.f_start))
+        self.f_start = self.f_last  # rejected steps leave f₀ as it was
+
+
+class _Perturbed(nn.Module):
+    """``func`` with the time nudged by one float as torchdiffeq's solvers ask (``perturb=``)."""
+
+    def __init__(self, func: Callable) -> None:
+        super().__init__()
+        self.func = func
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor, *, perturb=None) -> torch.Tensor:
+        t = t.to(y.abs().dtype)  # as torchdiffeq: the nudge is one float of the state's dtype
+        if perturb is Perturb.NEXT:
+            t = torch.nextafter(t, t + 1)
+        elif perturb is Perturb.PREV:
+            t = torch.nextafter(t, t - 1)
+        return self.func(t, y)
+
+
+def _tableau(method: str, like: torch.Tensor):
+    """The solver's Butcher tableau and dense-output weights in the state's dtype, as its constructor casts them."""
+    solver = SOLVERS[method]
+    t = solver.tableau
+    cast = dict(device=like.device, dtype=like.dtype)
+    tableau = type(t)(alpha=t.alpha.to(**cast), beta=[b.to(**cast) for b in t.beta],
+                      c_sol=t.c_sol.to(**cast), c_error=t.c_error.to(**cast))
+    return tableau, solver.mid.to(**cast)
+
+
+def _dense_output(y0, y1, k, dt, mid, t0, t1, t):
+    """torchdiffeq's quartic interpolation of one step, evaluated at t."""
+    dt_y = dt.type_as(y0)
+    y_mid = y0 + torch.sum(k * (dt_y * mid), dim=-1).view_as(y0)
+    coefficients = _interp_fit(y0, y1, y_mid, k[..., 0], k[..., -1], dt_y)
+    return _interp_evaluate(coefficients, t0, t1, t)
+
+
+@contextmanager
+def _autocast_as(state):
+    device_type, enabled, dtype = state
+    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        yield
+
+
+class _CheckpointedSolve(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, solve: dict, y0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        import torchdiffeq
+
+        recorder = _Recorder(solve["func"])
+        t = torch.tensor([0.0, solve["T"]], dtype=y0.dtype, device=y0.device)  # as ODEBlock's other modes
+        y = torchdiffeq.odeint(recorder, y0, t, rtol=solve["rtol"], atol=solve["atol"], method=solve["method"],
+                               options=solve["options"])
+        # The end time as the solver held it (float64 or wider) for the dense output.
+        ctx.end = t[1].to(torch.promote_types(torch.float64, y0.abs().dtype))
+        ctx.solve, ctx.steps = solve, recorder.steps
+        device_type = y0.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        ctx.y0_requires_grad = y0.requires_grad
+        ctx.save_for_backward(*params)
+        return y[1]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        solve, steps = ctx.solve, ctx.steps
+        params = ctx.saved_tensors
+        func = _Perturbed(solve["func"])
+        tableau, mid = _tableau(solve["method"], grad_out)
+        grads_params: list[torch.Tensor | None] = [None] * len(params)
+        grad_y = grad_f = None
+        with torch.enable_grad(), _autocast_as(ctx.autocast), solve["scope"]():
+            for n in reversed(range(len(steps))):
+                t0, y0, dt, f0 = steps[n]
+                t1 = t0 + dt  # as the solver computed the step's end
+                y0 = y0.detach().requires_grad_(n > 0 or ctx.y0_requires_grad)
+                if n == 0:
+                    f0 = func(t0, y0)  # the solve's first evaluation
+                    inputs = [y0] if ctx.y0_requires_grad else []
+                else:
+                    f0 = f0.detach().requires_grad_()
+                    inputs = [y0, f0]
+                y1, f1, _, k = _runge_kutta_step(func, y0, f0, t0, dt, t1, tableau)
+                if n == len(steps) - 1:  # the output at T: dense output of the step that passed it
+                    outputs, grads = [_dense_output(y0, y1, k, dt, mid, t0, t1, ctx.end)], [grad_out]
+                else:
+                    outputs, grads = [y1, f1], [grad_y, grad_f]
+                    outputs, grads = [o for o, g in zip(outputs, grads) if g is not None], [g for g in grads if g is not None]
+                # retain_graph: the taps and time maps the ODE function caches for
+                # the replay are shared by every step; each step's own graph is
+                # freed with its outputs at the next iteration.
+                found = torch.autograd.grad(outputs, inputs + list(params), grads, retain_graph=True,
+                                            allow_unused=True)
+                if n > 0:
+                    grad_y, grad_f = found[0], found[1]
+                elif ctx.y0_requires_grad:
+                    grad_y = found[0]
+                for i, g in enumerate(found[len(inputs):]):
+                    if g is not None:
+                        grads_params[i] = g if grads_params[i] is None else grads_params[i] + g
+                del outputs, y1, f1, k, found
+        ctx.steps = None
+        return (None, grad_y if ctx.y0_requires_grad else None, *grads_params)
+
+
+def checkpointed_odeint(
+    func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    y0: torch.Tensor,
+    T: float,
+    *,
+    params: Iterable[torch.Tensor],
+    rtol: float,
+    atol: float,
+    method: str = "dopri5",
+    options: dict | None = None,
+    scope: Callable[[], object] | None = None,
+) -> torch.Tensor:
+    """``y(T)`` of ``dy/dt = func(t, y)``, ``y(0) = y0``, differentiated by replaying accepted steps.
+
+    Args:
+        func: ``(t, y) -> dy/dt``; ``y`` and the result shaped like ``y0``.
+        y0: the initial state (any shape).
+        T: end time (> 0).
+        params: the tensors ``func`` depends on that need gradients (its parameters).
+        rtol, atol, method, options: as ``torchdiffeq.odeint`` (an adaptive
+            Runge–Kutta ``method``, see :data:`CHECKPOINT_METHODS`).
+        scope: a context manager factory entered around the backward's replay
+            (e.g. to cache per-solve weights while it runs).
+
+    Returns:
+        ``y(T)``, shaped like ``y0``; its backward gives ``y0`` and ``params``
+        the gradients of backpropagation through the same solve.
+    """
+    check_method(method, options)
+    params = tuple(p for p in params if p.requires_grad)
+    solve = dict(func=func, T=float(T), rtol=rtol, atol=atol, method=method, options=options,
+                 scope=scope or _nothing)
+    return _CheckpointedSolve.apply(solve, y0, *params)
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+@torch.no_grad()
+def first_step(func: Callable, y0: torch.Tensor, rtol: float, atol: float, method: str, options: dict | None) -> float:
+    """torchdiffeq's first step size for this solve, chosen without a gradient (Hairer's rule).
+
+    torchdiffeq computes every later step size without a gradient but the
+    first with one; backprop given this value as ``first_step`` treats all
+    step sizes alike (the adjoint and the checkpointed replay do too).
+    """
+    solver = SOLVERS[method]
+    norm = (options or {}).get("norm", _rms_norm)
+    # The solver's own dtypes: tolerances and time in float64 (or wider), so the value is its, bit for bit.
+    dtype = torch.promote_types(torch.float64, y0.abs().dtype)
+    rtol, atol = (torch.as_tensor(tol, dtype=dtype, device=y0.device) for tol in (rtol, atol))
+    t0 = torch.zeros((), dtype=dtype, device=y0.device)
+    return float(_select_initial_step(_Perturbed(func), t0, y0, solver.order - 1, rtol, atol, norm))
