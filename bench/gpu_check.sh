@@ -22,7 +22,7 @@ status=0
 cat "$OUT/versions.txt"
 
 # Each stage is bounded and runs whatever the one before did: a failing test still leaves numbers to read.
-timeout 120 python -m pytest -q -rf tests/test_gpu.py tests/test_triton.py > "$OUT/tests.log" 2>&1 || status=1
+timeout 110 python -m pytest -q -rf tests/test_gpu.py tests/test_triton.py tests/test_checkpoint.py -k "cuda or triton" > "$OUT/tests.log" 2>&1 || status=1
 tail -5 "$OUT/tests.log"
 timeout 40 python bench/profile_layer.py > "$OUT/profile.txt" 2>&1 || status=1
 cat "$OUT/profile.txt"
@@ -30,10 +30,11 @@ cat "$OUT/profile.txt"
 timeout 150 python -m pytest bench/test_layer_gpu.py --benchmark-only -q -k "not graph" \
   --benchmark-json "$OUT/layer-gpu.json" > "$OUT/layer-gpu.log" 2>&1 || status=1
 python bench/report.py "$OUT/layer-gpu.json" || true
-timeout 60 python -m pytest bench/test_layer_gpu.py --benchmark-only -q -k "graph" \
+timeout 50 python -m pytest bench/test_layer_gpu.py --benchmark-only -q -k "graph" \
   --benchmark-json "$OUT/layer-graph-gpu.json" >> "$OUT/layer-gpu.log" 2>&1 || status=1
-timeout 90 python -m pytest bench/test_model_step.py --benchmark-only -q -p no:cacheprovider --rootdir bench \
-  -k "dcn-ode and adjoint or triton" --benchmark-json "$OUT/models-gpu.json" > "$OUT/models-gpu.log" 2>&1 || status=1
+# DCN-ODE (ours, auto and triton) and the published stack, each gradient mode.
+timeout 140 python -m pytest bench/test_model_step.py --benchmark-only -q -p no:cacheprovider --rootdir bench \
+  -k "dcn-ode" --benchmark-json "$OUT/models-gpu.json" > "$OUT/models-gpu.log" 2>&1 || status=1
 python bench/report_models.py "$OUT/models-gpu.json" || true
 grep -hE "^FAILED|Error:" "$OUT"/*.log | head -20
 exit $status

@@ -15,15 +15,21 @@ def main(argv: list[str] | None = None) -> None:
     data = json.load(open(parser.parse_args(argv).json_file, encoding="utf-8"))
     machine = data["machine_info"]
     rows = [(b["extra_info"], b["stats"]["median"]) for b in data["benchmarks"]]
-    published = next((t for info, t in rows if info["model"] == "published-dcn-ode"), None)
+    published = next((t for info, t in rows if info["model"] == "published-dcn-ode"
+                      and info.get("gradient", "adjoint" if info.get("adjoint") else "backprop") == "adjoint"), None)
     print(f"Machine: {machine.get('gpu') or machine.get('cpu_model')}, torch {machine.get('torch')}, "
           f"{machine.get('torch_threads')} threads, commit {machine.get('commit')}; batch {rows[0][0]['batch']}\n")
-    print("| model | gradient | backend | s / step | vs published | NFE fwd / bwd | peak MiB |")
+    gpu = rows[0][0].get("peak_memory_mib") is not None
+    memory = "peak MiB" if gpu else "autograd-saved peak MiB"
+    print(f"| model | gradient | backend | s / step | vs published | NFE fwd / bwd | {memory} |")
     print("|---|---|---|---|---|---|---|")
     for info, t in rows:
         speedup = f"{published / t:.1f}×" if published else "–"
-        mem = f"{info['peak_memory_mib']:.0f}" if info.get("peak_memory_mib") else "–"
-        print(f"| {info['model']} | {'adjoint' if info['adjoint'] else 'backprop'} | {info.get('backend', 'auto')} | "
+        peak = info.get("peak_memory_mib") if gpu else info.get("saved_tensors_peak_mib")
+        mem = f"{peak:.0f}" if peak is not None else "–"
+        # Files written before gradient= existed record adjoint: bool.
+        gradient = info.get("gradient") or ("adjoint" if info.get("adjoint") else "backprop")
+        print(f"| {info['model']} | {gradient} | {info.get('backend', 'auto')} | "
               f"{t:.2f} | {speedup} | "
               f"{info['nfe_forward']} / {info['nfe_backward']} | {mem} |")
 

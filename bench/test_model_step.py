@@ -6,8 +6,13 @@
 Batch 128 on a GPU, 8 on the CPU; dopri5, rtol = atol = 1e-3, at
 initialisation, as DESIGN.md §5. ``published-dcn-ode`` is the published layer
 stack (bench/published.py). Recorded per case: time (pytest-benchmark), NFE
-forward/backward summed over the three blocks, peak GPU memory.
+forward/backward summed over the three blocks, and memory: on a GPU the peak
+allocated; on the CPU (no allocator statistics) the peak of the tensors
+autograd keeps for the backward (saved-tensor hooks: the graph, or the
+checkpoints and the replayed step's graph), the memory the gradient modes trade.
 """
+
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -21,9 +26,12 @@ from published import published_dcn_ode
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH = 128 if DEVICE.type == "cuda" else 8
 
-CASES = [("published-dcn-ode", True, "auto"), ("dcn-ode", True, "auto"), ("dcn-ode", False, "auto")]
-CASES += [("dcn-ode", True, "triton"), ("dcn-ode", False, "triton")] if DEVICE.type == "cuda" else []
-CASES += [(name, True, "auto") for name in MODELS if name != "dcn-ode"]
+GRADIENTS = ("adjoint", "backprop", "checkpoint")
+CASES = [("published-dcn-ode", "adjoint", "auto"), ("published-dcn-ode", "backprop", "auto")]
+CASES += [("dcn-ode", gradient, "auto") for gradient in GRADIENTS]
+CASES += [("dcn-ode", gradient, "triton") for gradient in GRADIENTS] if DEVICE.type == "cuda" else []
+CASES += [("odenet", gradient, "auto") for gradient in GRADIENTS]
+CASES += [(name, "adjoint", "auto") for name in MODELS if name not in ("dcn-ode", "odenet")]
 
 
 @pytest.fixture(scope="module")
@@ -32,21 +40,59 @@ def batch():
     return normalize(data.train_images[:BATCH]).to(DEVICE), data.train_labels[:BATCH].to(DEVICE)
 
 
-@pytest.mark.parametrize(
-    "name, adjoint, backend", CASES,
-    ids=[f"{n}-{'adjoint' if a else 'direct'}{'' if b == 'auto' else '-' + b}" for n, a, b in CASES],
-)
-def test_sgd_step(benchmark, batch, name, adjoint, backend):
+class SavedTensorPeak:
+    """Peak bytes of the tensors autograd holds for backward (saved-tensor hooks), per storage once."""
+
+    def __init__(self) -> None:
+        self.alive: dict[int, list[int]] = {}  # storage address -> [bytes, holders]
+        self.bytes = self.peak = 0
+
+    def pack(self, tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.alive:
+            self.alive[key][1] += 1
+        else:
+            self.alive[key] = [storage.nbytes(), 1]
+            self.bytes += storage.nbytes()
+            self.peak = max(self.peak, self.bytes)
+        # Detached: a saved output holding itself would keep its graph alive in a cycle.
+        return _Release(tensor.detach(), key, self)
+
+    def release(self, key: int) -> None:
+        entry = self.alive[key]
+        entry[1] -= 1
+        if not entry[1]:
+            self.bytes -= entry[0]
+            del self.alive[key]
+
+    @staticmethod
+    def unpack(held):
+        return held.tensor
+
+
+class _Release:
+    def __init__(self, tensor, key, owner) -> None:
+        self.tensor, self.key, self.owner = tensor, key, owner
+
+    def __del__(self) -> None:
+        self.owner.release(self.key)
+
+
+@pytest.mark.parametrize("name, gradient, backend", CASES,
+                         ids=[f"{n}-{g}{'' if b == 'auto' else '-' + b}" for n, g, b in CASES])
+def test_sgd_step(benchmark, batch, name, gradient, backend):
     x, y = batch
     if name == "published-dcn-ode":
-        model = published_dcn_ode(gradient="adjoint" if adjoint else "backprop")
+        model = published_dcn_ode(gradient=gradient)
     else:
         torch.manual_seed(0)
-        model = build(name, gradient="adjoint" if adjoint else "backprop", backend=backend)
+        model = build(name, gradient=gradient, backend=backend)
     model.to(DEVICE)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     nfe = {}
+    saved = SavedTensorPeak()
 
     def setup():
         model.load_state_dict(initial)  # every round times the step at initialisation
@@ -56,9 +102,11 @@ def test_sgd_step(benchmark, batch, name, adjoint, backend):
             torch.cuda.reset_peak_memory_stats()
 
     def step():
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack) if DEVICE.type == "cpu" \
+                else nullcontext():
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
         optimizer.step()
         nfe["forward"] = sum(b.nfe_forward for b in model.ode_blocks())
         nfe["backward"] = sum(b.count_backward() for b in model.ode_blocks())
@@ -68,7 +116,8 @@ def test_sgd_step(benchmark, batch, name, adjoint, backend):
     benchmark.group = "sgd step"
     benchmark.pedantic(step, setup=setup, rounds=3, warmup_rounds=1 if DEVICE.type == "cuda" else 0)
     benchmark.extra_info.update(
-        model=name, adjoint=adjoint, backend=backend, batch=BATCH, device=str(DEVICE),
+        model=name, gradient=gradient, backend=backend, batch=BATCH, device=str(DEVICE),
         nfe_forward=nfe["forward"], nfe_backward=nfe["backward"],
         peak_memory_mib=torch.cuda.max_memory_allocated() / 2**20 if DEVICE.type == "cuda" else None,
+        saved_tensors_peak_mib=saved.peak / 2**20 if DEVICE.type == "cpu" else None,
     )

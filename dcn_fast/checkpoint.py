@@ -148,25 +148,33 @@ class _CheckpointedSolve(torch.autograd.Function):
                                options=solve["options"])
         # The end time as the solver held it (float64 or wider) for the dense output.
         ctx.end = t[1].to(torch.promote_types(torch.float64, y0.abs().dtype))
-        ctx.solve, ctx.steps = solve, recorder.steps
+        ctx.solve = solve
+        ctx.times = [(t0, dt) for t0, _, dt, _ in recorder.steps]
         device_type = y0.device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         ctx.y0_requires_grad = y0.requires_grad
-        ctx.save_for_backward(*params)
+        # Saved like any tensor autograd keeps (so saved-tensor hooks, e.g. save_on_cpu, apply to
+        # them too): the parameters, then each accepted step's y₀ and, past the first, its f₀.
+        states = [y for _, y, _, _ in recorder.steps]
+        derivatives = [f for _, _, _, f in recorder.steps[1:]]
+        ctx.num_params = len(params)
+        ctx.save_for_backward(*params, *states, *derivatives)
         return y[1]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        solve, steps = ctx.solve, ctx.steps
-        params = ctx.saved_tensors
+        solve, times = ctx.solve, ctx.times
+        saved = ctx.saved_tensors
+        params, saved = saved[: ctx.num_params], saved[ctx.num_params:]
+        states, derivatives = saved[: len(times)], (None, *saved[len(times):])
         func = _Perturbed(solve["func"])
         tableau, mid = _tableau(solve["method"], grad_out)
         grads_params: list[torch.Tensor | None] = [None] * len(params)
         grad_y = grad_f = None
         with torch.enable_grad(), _autocast_as(ctx.autocast), solve["scope"]():
-            for n in reversed(range(len(steps))):
-                t0, y0, dt, f0 = steps[n]
+            for n in reversed(range(len(times))):
+                (t0, dt), y0, f0 = times[n], states[n], derivatives[n]
                 t1 = t0 + dt  # as the solver computed the step's end
                 y0 = y0.detach().requires_grad_(n > 0 or ctx.y0_requires_grad)
                 if n == 0:
@@ -176,7 +184,7 @@ class _CheckpointedSolve(torch.autograd.Function):
                     f0 = f0.detach().requires_grad_()
                     inputs = [y0, f0]
                 y1, f1, _, k = _runge_kutta_step(func, y0, f0, t0, dt, t1, tableau)
-                if n == len(steps) - 1:  # the output at T: dense output of the step that passed it
+                if n == len(times) - 1:  # the output at T: dense output of the step that passed it
                     outputs, grads = [_dense_output(y0, y1, k, dt, mid, t0, t1, ctx.end)], [grad_out]
                 else:
                     outputs, grads = [y1, f1], [grad_y, grad_f]
@@ -194,7 +202,6 @@ class _CheckpointedSolve(torch.autograd.Function):
                     if g is not None:
                         grads_params[i] = g if grads_params[i] is None else grads_params[i] + g
                 del outputs, y1, f1, k, found
-        ctx.steps = None
         return (None, grad_y if ctx.y0_requires_grad else None, *grads_params)
 
 

@@ -108,10 +108,10 @@ def test_triton_backend():
 def test_only_the_input_or_only_the_parameters():
     func = _ode_func().double()
     x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
-    _, want, _ = _block_grads(func, "backprop", x)
+    _, want, _ = _block_grads(func, "backprop", x, rtol=1e-2, atol=1e-2)
     for p in func.parameters():
         p.requires_grad_(False)
-    block = ODEBlock(func, gradient="checkpoint")
+    block = ODEBlock(func, gradient="checkpoint", rtol=1e-2, atol=1e-2)
     xi = x.clone().requires_grad_()
     out = block(xi)
     (out * _loss_weights(out)).sum().backward()
@@ -177,18 +177,18 @@ def test_memory_grows_with_accepted_steps_times_state_not_with_evaluations():
             out = block(x)
         kept[gradient] = saved.total
         if gradient == "checkpoint":
-            steps = out.grad_fn.steps  # the Function's context: (t0, y0, dt, f0) per accepted step
-            held = sum(t.untyped_storage().nbytes() for step in steps for t in step[1::2])
-            assert saved.total <= param_bytes  # no graph: only the parameters are saved
-            assert held == 2 * len(steps) * state_bytes
+            steps = len(out.grad_fn.times)  # accepted steps
+            # No graph: the parameters, and per accepted step its y₀ and (past the first) f₀.
+            assert saved.total == param_bytes + (2 * steps - 1) * state_bytes
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
                 saved.total = saved.alive = saved.peak = 0
                 (out * _loss_weights(out)).sum().backward()
-            # The replay holds one step's graph at a time: the most alive at once is about
-            # one step's share of what backprop kept for all of them.
-            assert saved.peak < 2.5 * kept["backprop"] / len(steps)
+            # The replay holds one step's graph at a time: the most alive at once (counted from
+            # the backward's start, the checkpoints aside) is about one step's share of what
+            # backprop kept for all of them.
+            assert saved.peak < 2.5 * kept["backprop"] / steps
         del out
-    assert kept["checkpoint"] + held < kept["backprop"] / 4
+    assert kept["checkpoint"] < kept["backprop"] / 4
 
 
 def test_autocast_bf16_matches_backprop_under_the_same_autocast():
@@ -278,3 +278,26 @@ def test_distributed_data_parallel_gives_the_single_process_gradients(tmp_path):
         (F.cross_entropy(model(images[rank::2]), labels[rank::2]) / 2).backward()
     for n, p in model.named_parameters():
         assert rel_err(got[n], p.grad) < 1e-9, n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (verified by bench/gpu_check.sh)")
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_cuda_dcn_ode_gradients_and_peak_memory(backend, batch_size=32):
+    """On the GPU: the checkpointed gradients are backprop's, at a fraction of its peak memory."""
+    images = torch.rand(batch_size, 3, 32, 32, device="cuda")
+    labels = torch.arange(batch_size, device="cuda") % 10
+    grads, peak = {}, {}
+    for gradient in ("backprop", "checkpoint"):
+        torch.manual_seed(0)
+        model = build("dcn-ode", gradient=gradient, backend=backend).cuda()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        F.cross_entropy(model(images), labels).backward()
+        torch.cuda.synchronize()
+        peak[gradient] = torch.cuda.max_memory_allocated() - base
+        grads[gradient] = {n: p.grad for n, p in model.named_parameters()}
+    for n, g in grads["checkpoint"].items():
+        # float32 (TF32 convolutions): the replay repeats the forward's arithmetic on the same inputs.
+        assert rel_err(g, grads["backprop"][n]) < 1e-3, n
+    assert peak["checkpoint"] < peak["backprop"] / 3, peak
