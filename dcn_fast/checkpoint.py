@@ -44,7 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed torchd
 else:
     _MISSING = None
 
-__all__ = ["checkpointed_odeint", "first_step", "CHECKPOINT_METHODS"]
+__all__ = ["checkpointed_odeint", "first_step", "CHECKPOINT_METHODS", "REPLAYS"]
 
 #: Solvers whose accepted steps can be replayed: torchdiffeq's adaptive Runge–Kutta methods.
 CHECKPOINT_METHODS = tuple(
@@ -122,12 +122,103 @@ def _tableau(method: str, like: torch.Tensor):
     return tableau, solver.mid.to(**cast)
 
 
-def _dense_output(y0, y1, k, dt, mid, t0, t1, t):
-    """torchdiffeq's quartic interpolation of one step, evaluated at t."""
+def _step_outputs(y0, y1, k, dt, mid, t0, t1, end):
+    """What a replayed step hands on: (y₁, f₁), or for the last step the dense output at T.
+
+    The dense output is torchdiffeq's quartic interpolation of the step that passed T.
+    """
+    if end is None:
+        return [y1, k[..., -1]]
     dt_y = dt.type_as(y0)
     y_mid = y0 + torch.sum(k * (dt_y * mid), dim=-1).view_as(y0)
     coefficients = _interp_fit(y0, y1, y_mid, k[..., 0], k[..., -1], dt_y)
-    return _interp_evaluate(coefficients, t0, t1, t)
+    return [_interp_evaluate(coefficients, t0, t1, end)]
+
+
+def _grad(outputs, inputs, cotangents, retain_graph=False):
+    """``torch.autograd.grad`` over the (output, cotangent) pairs that carry a cotangent."""
+    pairs = [(o, c) for o, c in zip(outputs, cotangents) if c is not None]
+    return torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs], retain_graph=retain_graph,
+                               allow_unused=True)
+
+
+def _replay_step(func, tableau, mid, t0, dt, y0, f0, params, cotangents, end):
+    """One accepted step's vector–Jacobian product, by autograd through the whole step.
+
+    Returns the gradients of y₀, of f₀ (None when f₀ is the solve's first
+    evaluation, recomputed here) and of ``params``.
+    """
+    t1 = t0 + dt  # as the solver computed the step's end
+    y0 = y0.detach().requires_grad_()
+    first = f0 is None
+    f0 = func(t0, y0) if first else f0.detach().requires_grad_()
+    y1, _, _, k = _runge_kutta_step(func, y0, f0, t0, dt, t1, tableau)
+    inputs = [y0] if first else [y0, f0]
+    # retain_graph: the taps and time maps the ODE function caches for the replay are
+    # shared by every step; this step's own graph goes with its outputs on return.
+    found = _grad(_step_outputs(y0, y1, k, dt, mid, t0, t1, end), inputs + list(params), cotangents, True)
+    return found[0], None if first else found[1], found[len(inputs):]
+
+
+def _replay_by_stage(func, tableau, mid, t0, dt, y0, f0, params, cotangents, end):
+    """As :func:`_replay_step`, with one evaluation's graph alive at a time.
+
+    The stages' derivatives k are recomputed without a graph; the step's outputs
+    are linear in (y₀, k), so their cotangents come from autograd on that linear
+    part alone; then the stages are visited last to first, each evaluation
+    rebuilt with a graph for its vector–Jacobian product, whose input cotangent
+    flows linearly back to y₀ and the earlier k (``y_i = y₀ + Σ_j β_ij·dt·k_j``).
+    """
+    t1 = t0 + dt
+    first = f0 is None
+    with torch.no_grad():
+        if first:
+            f0 = func(t0, y0)
+        y1, _, _, k = _runge_kutta_step(func, y0, f0, t0, dt, t1, tableau)
+    y0_leaf, k_leaf, y1_leaf = (v.detach().requires_grad_() for v in (y0, k, y1))
+    # y₁ as torchdiffeq forms it: the last stage's input, or the solution weights (same linear map).
+    t_dtype = y0.abs().dtype
+    dt_y = dt.to(t_dtype)
+    y1_linear = y0_leaf + torch.sum(k_leaf * (dt_y * tableau.c_sol), dim=-1).view_as(y0)
+    outputs = _step_outputs(y0_leaf, y1_leaf, k_leaf, dt, mid, t0, t1, end)
+    grad_y0, grad_k, grad_y1 = _grad(outputs, [y0_leaf, k_leaf, y1_leaf], cotangents)
+    if grad_y1 is not None:
+        more_y0, more_k = torch.autograd.grad(y1_linear, [y0_leaf, k_leaf], grad_y1)
+        grad_y0 = more_y0 if grad_y0 is None else grad_y0 + more_y0
+        grad_k = more_k if grad_k is None else grad_k + more_k
+    grad_y0 = torch.zeros_like(y0) if grad_y0 is None else grad_y0
+    grad_k = torch.zeros_like(k) if grad_k is None else grad_k.clone()
+    grads_params: list[torch.Tensor | None] = [None] * len(params)
+
+    def vjp(t, y, cotangent, perturb=None):
+        y = y.detach().requires_grad_()
+        found = torch.autograd.grad(func(t, y, perturb=perturb), [y, *params], cotangent, retain_graph=True,
+                                    allow_unused=True)
+        _accumulate(grads_params, found[1:])
+        return found[0]
+
+    t0_y, t1_y = t0.to(t_dtype), t1.to(t_dtype)
+    for i in reversed(range(len(tableau.alpha))):
+        alpha, weights = tableau.alpha[i], tableau.beta[i] * dt_y
+        with torch.no_grad():  # the stage's input, exactly as the forward formed it
+            y_i = y0 + torch.sum(k[..., : i + 1] * weights, dim=-1).view_as(y0)
+        if alpha == 1.0:
+            t_i, perturb = t1_y, Perturb.PREV
+        else:
+            t_i, perturb = t0_y + alpha * dt_y, Perturb.NONE
+        grad_y_i = vjp(t_i, y_i, grad_k[..., i + 1], perturb)
+        grad_y0 += grad_y_i
+        grad_k[..., : i + 1] += grad_y_i.unsqueeze(-1) * weights
+    if first:
+        grad_y0 += vjp(t0, y0, grad_k[..., 0])
+        return grad_y0, None, grads_params
+    return grad_y0, grad_k[..., 0], grads_params
+
+
+def _accumulate(total: list, found) -> None:
+    for i, g in enumerate(found):
+        if g is not None:
+            total[i] = g if total[i] is None else total[i] + g
 
 
 @contextmanager
@@ -135,6 +226,10 @@ def _autocast_as(state):
     device_type, enabled, dtype = state
     with torch.autocast(device_type, dtype=dtype, enabled=enabled):
         yield
+
+
+#: Replay granularities: the graph of one step, or of one evaluation (stage) at a time.
+REPLAYS = {"step": _replay_step, "stage": _replay_by_stage}
 
 
 class _CheckpointedSolve(torch.autograd.Function):
@@ -170,39 +265,17 @@ class _CheckpointedSolve(torch.autograd.Function):
         states, derivatives = saved[: len(times)], (None, *saved[len(times):])
         func = _Perturbed(solve["func"])
         tableau, mid = _tableau(solve["method"], grad_out)
+        replay = REPLAYS[solve["replay"]]
         grads_params: list[torch.Tensor | None] = [None] * len(params)
-        grad_y = grad_f = None
+        cotangents = [grad_out]
         with torch.enable_grad(), _autocast_as(ctx.autocast), solve["scope"]():
             for n in reversed(range(len(times))):
                 (t0, dt), y0, f0 = times[n], states[n], derivatives[n]
-                t1 = t0 + dt  # as the solver computed the step's end
-                y0 = y0.detach().requires_grad_(n > 0 or ctx.y0_requires_grad)
-                if n == 0:
-                    f0 = func(t0, y0)  # the solve's first evaluation
-                    inputs = [y0] if ctx.y0_requires_grad else []
-                else:
-                    f0 = f0.detach().requires_grad_()
-                    inputs = [y0, f0]
-                y1, f1, _, k = _runge_kutta_step(func, y0, f0, t0, dt, t1, tableau)
-                if n == len(times) - 1:  # the output at T: dense output of the step that passed it
-                    outputs, grads = [_dense_output(y0, y1, k, dt, mid, t0, t1, ctx.end)], [grad_out]
-                else:
-                    outputs, grads = [y1, f1], [grad_y, grad_f]
-                    outputs, grads = [o for o, g in zip(outputs, grads) if g is not None], [g for g in grads if g is not None]
-                # retain_graph: the taps and time maps the ODE function caches for
-                # the replay are shared by every step; each step's own graph is
-                # freed with its outputs at the next iteration.
-                found = torch.autograd.grad(outputs, inputs + list(params), grads, retain_graph=True,
-                                            allow_unused=True)
-                if n > 0:
-                    grad_y, grad_f = found[0], found[1]
-                elif ctx.y0_requires_grad:
-                    grad_y = found[0]
-                for i, g in enumerate(found[len(inputs):]):
-                    if g is not None:
-                        grads_params[i] = g if grads_params[i] is None else grads_params[i] + g
-                del outputs, y1, f1, k, found
-        return (None, grad_y if ctx.y0_requires_grad else None, *grads_params)
+                end = ctx.end if n == len(times) - 1 else None
+                grad_y0, grad_f0, found = replay(func, tableau, mid, t0, dt, y0, f0, params, cotangents, end)
+                _accumulate(grads_params, found)
+                cotangents = [grad_y0, grad_f0]  # for the previous step's (y₁, f₁)
+        return (None, grad_y0 if ctx.y0_requires_grad else None, *grads_params)
 
 
 def checkpointed_odeint(
@@ -215,6 +288,7 @@ def checkpointed_odeint(
     atol: float,
     method: str = "dopri5",
     options: dict | None = None,
+    replay: str = "step",
     scope: Callable[[], object] | None = None,
 ) -> torch.Tensor:
     """``y(T)`` of ``dy/dt = func(t, y)``, ``y(0) = y0``, differentiated by replaying accepted steps.
@@ -226,6 +300,10 @@ def checkpointed_odeint(
         params: the tensors ``func`` depends on that need gradients (its parameters).
         rtol, atol, method, options: as ``torchdiffeq.odeint`` (an adaptive
             Runge–Kutta ``method``, see :data:`CHECKPOINT_METHODS`).
+        replay: ``"step"`` keeps one accepted step's graph alive at a time;
+            ``"stage"`` one evaluation's, recomputing the step's stage
+            derivatives without a graph first (less memory, one more forward
+            evaluation per replayed evaluation).
         scope: a context manager factory entered around the backward's replay
             (e.g. to cache per-solve weights while it runs).
 
@@ -234,9 +312,11 @@ def checkpointed_odeint(
         the gradients of backpropagation through the same solve.
     """
     check_method(method, options)
+    if replay not in REPLAYS:
+        raise ValueError(f"replay must be one of {', '.join(map(repr, REPLAYS))}, got {replay!r}")
     params = tuple(p for p in params if p.requires_grad)
     solve = dict(func=func, T=float(T), rtol=rtol, atol=atol, method=method, options=options,
-                 scope=scope or _nothing)
+                 replay=replay, scope=scope or _nothing)
     return _CheckpointedSolve.apply(solve, y0, *params)
 
 

@@ -140,16 +140,18 @@ def build(
     atol: float = 1e-3,
     gradient: str = "adjoint",
     adjoint_options: dict | None = None,
+    replay: str = "step",
 ) -> Classifier:
     """A model of Table 1 by name (see :data:`MODELS`), freshly initialised.
 
     Solver arguments apply to the ODE blocks (ignored by the ResNets);
-    ``gradient`` is how each solve is differentiated (:data:`~dcn_fast.ode.GRADIENTS`,
-    see :class:`~dcn_fast.ode.ODEBlock`).
+    ``gradient`` is how each solve is differentiated (:data:`~dcn_fast.ode.GRADIENTS`)
+    and ``replay`` the checkpointed replay's granularity (see :class:`~dcn_fast.ode.ODEBlock`).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
-    solver = dict(method=method, rtol=rtol, atol=atol, gradient=gradient, adjoint_options=adjoint_options)
+    solver = dict(method=method, rtol=rtol, atol=atol, gradient=gradient, adjoint_options=adjoint_options,
+                  replay=replay)
     return Classifier(name, MODELS[name], num_classes, backend, solver)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .basis import num_basis, srf_taps
-from .checkpoint import CHECKPOINT_METHODS, check_method, checkpointed_odeint, first_step
+from .checkpoint import CHECKPOINT_METHODS, REPLAYS, check_method, checkpointed_odeint, first_step
 from .separable import dense_filters
 from .functional import checked_radius, srf_conv2d
 from .modules import SRFConv2d
@@ -147,19 +147,18 @@ class TimeConv(nn.Module):
         return srf_conv2d(x, scale, alpha[:, part], kernel_size=kernel_size, backend=self.backend, taps=taps)
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        cache = self._cache if self._cache is not None else {}
+        # Entries made without a graph must not serve an evaluation that needs one
+        # (a checkpointed replay recomputes stages without a graph, then with one).
+        cache = {} if self._cache is None else self._cache.setdefault(torch.is_grad_enabled(), {})
         weights = None
         if self.kind != "conv":
             weights = cache.get("weights") or self._weights(t)
-            if self._cache is not None:
-                self._cache["weights"] = weights
+            cache["weights"] = weights
         out = self._conv(x, slice(1, None), weights)
         key = tuple(x.shape[-2:])
         m = cache.get(key)
         if m is None:
-            m = self._time_map(key, weights, x)
-            if self._cache is not None:
-                self._cache[key] = m
+            m = cache[key] = self._time_map(key, weights, x)
         return out + t.to(out.dtype) * m
 
     def _time_map(self, size: tuple[int, int], weights, like: torch.Tensor) -> torch.Tensor:
@@ -240,6 +239,10 @@ class ODEBlock(nn.Module):
             - ``"backprop"``: backpropagates through every operation of the
               solver: exact, memory grows with every evaluation.
         adjoint_options: e.g. ``{"norm": "seminorm"}`` (fewer backward steps).
+        replay: with ``gradient="checkpoint"``, what one replay holds a graph
+            of: ``"step"`` (one accepted step: faster) or ``"stage"`` (one
+            evaluation, after recomputing the step's stages without a graph:
+            ~3.5× less memory for ~1.4× the time, measured on a DCN block).
 
     ``nfe_forward`` / ``nfe_backward`` hold the evaluations of the last forward
     and of the backward that followed it (updated by :meth:`count_backward`).
@@ -255,6 +258,7 @@ class ODEBlock(nn.Module):
         gradient: str = "adjoint",
         options: dict | None = None,
         adjoint_options: dict | None = None,
+        replay: str = "step",
     ) -> None:
         super().__init__()
         if not (isinstance(T, (int, float)) and math.isfinite(T) and T > 0):
@@ -266,9 +270,11 @@ class ODEBlock(nn.Module):
             raise ValueError(f"gradient must be one of {', '.join(map(repr, GRADIENTS))}, got {gradient!r}")
         if gradient == "checkpoint":
             check_method(method, options)
+        if replay not in REPLAYS:
+            raise ValueError(f"replay must be one of {', '.join(map(repr, REPLAYS))}, got {replay!r}")
         self.func, self.T, self.method = func, float(T), method
         self.rtol, self.atol, self.gradient = rtol, atol, gradient
-        self.options, self.adjoint_options = options, adjoint_options
+        self.options, self.adjoint_options, self.replay = options, adjoint_options, replay
         self.nfe_forward = 0
         self.nfe_backward = 0
         self._nfe_after_forward = 0
@@ -300,7 +306,7 @@ class ODEBlock(nn.Module):
         with self._solve_scope():
             if self.gradient == "checkpoint" and needs_grad:
                 out = checkpointed_odeint(self.func, x, self.T, params=params, options=self.options,
-                                          scope=self._solve_scope, **solver)
+                                          replay=self.replay, scope=self._solve_scope, **solver)
             else:
                 t = torch.tensor([0.0, self.T], dtype=x.dtype, device=x.device)
                 if self.gradient == "adjoint" and needs_grad:
@@ -327,4 +333,6 @@ class ODEBlock(nn.Module):
         return self.nfe_backward
 
     def extra_repr(self) -> str:
-        return f"T={self.T}, method={self.method!r}, rtol={self.rtol}, atol={self.atol}, gradient={self.gradient!r}"
+        replay = f", replay={self.replay!r}" if self.gradient == "checkpoint" else ""
+        return (f"T={self.T}, method={self.method!r}, rtol={self.rtol}, atol={self.atol}, "
+                f"gradient={self.gradient!r}{replay}")
