@@ -40,7 +40,7 @@ def explicit_concat(conv: TimeConv, t: torch.Tensor, x: torch.Tensor) -> torch.T
         return conv.layer(tx)
     if conv.kind in ("srf", "srf_pair"):
         return conv.layer(tx)
-    scale, alpha = conv._meta(t)
+    scale, alpha = conv.meta_weights(t)
     return srf_conv2d(tx, scale, alpha, backend="reference")
 
 
@@ -60,9 +60,9 @@ def test_time_channel_without_concatenation_is_exact(kind, t):
 
 def test_meta_laws_clip_and_scale_time():
     conv = TimeConv(2, 2, "sigma_t2")
-    a, b, c = conv.scale_coeffs.tolist()
+    a, b, c = conv.scale_t2.item(), conv.scale_t.item(), conv.layer.scale.item()
     for t, s in [(1.0, TAU * 1.0), (9.0, TAU * 2.5), (-3.0, TAU * -0.5)]:
-        scale, _ = conv._meta(torch.tensor(t))
+        scale, _ = conv.meta_weights(torch.tensor(t))
         assert scale.item() == pytest.approx(a * s * s + b * s + c, rel=1e-6)
 
 
@@ -122,12 +122,12 @@ def test_sigma_t_taps_use_a_radius_bound_read_once_per_update(kind, monkeypatch)
     conv = TimeConv(3, 4, kind).double()
     x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
     ts = torch.linspace(-1.0, 3.0, 9, dtype=torch.float64)
-    own = [truncation_radius(conv._meta(t)[0], ode.TRUNCATE) for t in ts]
+    own = [truncation_radius(conv.meta_weights(t)[0], conv.layer.truncate) for t in ts]
     for t in ts:
         torch.testing.assert_close(conv(t, x), explicit_concat(conv, t, x), rtol=1e-10, atol=1e-12)
     assert len(reads) == 1 and max(own) <= conv.radius_bound() <= max(own) + 1  # samples may miss a vertex
     with torch.no_grad():
-        conv.scale_coeffs.add_(0.5)  # σ grows at every t
+        conv.layer.scale.add_(0.5)  # σ grows at every t
     t = torch.tensor(2.0, dtype=torch.float64)
     torch.testing.assert_close(conv(t, x), explicit_concat(conv, t, x), rtol=1e-10, atol=1e-12)
     assert len(reads) == 2
