@@ -131,3 +131,56 @@ def test_sigma_t_taps_use_a_radius_bound_read_once_per_update(kind, monkeypatch)
     t = torch.tensor(2.0, dtype=torch.float64)
     torch.testing.assert_close(conv(t, x), explicit_concat(conv, t, x), rtol=1e-10, atol=1e-12)
     assert len(reads) == 2
+
+
+@pytest.mark.parametrize("name", ["dcn-sigma-t", "dcn-sigma-t2", "dcn-sigma-alpha-t", "dcn-sigma-ji", "dcn-full"])
+def test_every_cpu_backend_gives_the_same_model_outputs(name):
+    """σ(t) taps are laid out at a radius bound; the reference rebuilds the filter at σ(t)'s own radius
+    (it crashed on the size mismatch). RK4 evaluates the meta laws at t = 0, 2/3, 4/3 and 2."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 12, 12, dtype=torch.float64)
+    reference = build(name, backend="reference", method="rk4").double()
+    with torch.no_grad():
+        want = reference(x)
+        for backend in ("cpu", "separable"):
+            model = build(name, backend=backend, method="rk4").double()
+            model.load_state_dict(reference.state_dict())
+            torch.testing.assert_close(model(x), want, rtol=1e-10, atol=1e-12)
+
+
+def test_sigma_t2_inits_as_the_official_code():
+    """Srf_layer_shared_quad: t² and t coefficients of log2 σ ~ N(0, (2/3)²), intercept ~ N(0, 0.1²)."""
+    convs = [TimeConv(1, 1, "sigma_t2") for _ in range(300)]
+    for name, std in (("scale_t2", 2 / 3), ("scale_t", 2 / 3)):
+        values = torch.cat([getattr(c, name).detach() for c in convs])
+        assert abs(values.std().item() - std) < 0.08, name
+    intercepts = torch.cat([c.layer.scale.detach() for c in convs])
+    assert abs(intercepts.std().item() - 0.1) < 0.02
+
+
+def test_odenet_end_time_and_activation_are_options():
+    """Table A.1's controls: the official ODE-Net integrates to T = 2; a CELU ODE-Net."""
+    from torch import nn
+
+    model = build("odenet", T=2.0, activation="celu")
+    assert [block.T for block in model.ode_blocks()] == [2.0, 2.0, 2.0]
+    assert not any(isinstance(m, nn.ReLU) for m in model.modules())
+    assert any(isinstance(m, nn.CELU) for m in model.modules())
+    assert model.num_parameters() == PARAMETER_COUNTS["odenet"]
+    assert [b.T for b in build("odenet").ode_blocks()] == [1.0] * 3
+    assert build("resnet-blocks", activation="celu").stage1.act.__class__ is nn.CELU
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(name="odenet", T=0.0), "T must be a finite number > 0, got 0.0"),
+        (dict(name="odenet", T=float("nan")), "T must be a finite number > 0"),
+        (dict(name="odenet", T=True), "T must be a finite number > 0"),
+        (dict(name="resnet-blocks", T=2.0), "T applies to ODE blocks; resnet-blocks has none"),
+        (dict(name="dcn-ode", activation="tanh"), "activation must be one of 'relu', 'celu', got 'tanh'"),
+    ],
+)
+def test_build_option_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build(kwargs.pop("name"), **kwargs)
