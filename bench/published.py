@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcn_fast.basis import num_basis
 from dcn_fast.models import build
 from dcn_fast.ode import ODEFunc
 
@@ -137,7 +138,7 @@ class OfficialSrfShared(nn.Module):
 
     def __init__(self, in_c: int, out_c: int, stride: int = 1) -> None:
         super().__init__()
-        self.alphas, self.scales, self.stride = _param(6, in_c, out_c, std=0.1), _param(1, std=2 / 3), stride
+        self.alphas, self.scales, self.stride = _param(num_basis(2), in_c, out_c, std=0.1), _param(1, std=2 / 3), stride
 
     def forward(self, data):
         filters = published_filters(self.scales, self.alphas, 2)
@@ -149,7 +150,7 @@ class OfficialSrfInd(nn.Module):
 
     def __init__(self, in_c: int, out_c: int) -> None:
         super().__init__()
-        self.alphas, self.scales = _param(6, in_c, out_c, std=0.1), _param(in_c, out_c, std=2 / 3)
+        self.alphas, self.scales = _param(num_basis(2), in_c, out_c, std=0.1), _param(in_c, out_c, std=2 / 3)
 
     def forward(self, data, renew_filters=True):
         filters = published_filters_ind(self.scales, self.alphas, 2, 3)
@@ -162,9 +163,9 @@ class OfficialSrfMeta(nn.Module):
     def __init__(self, in_c: int, out_c: int, kind: str) -> None:
         super().__init__()
         self.kind = kind
-        self.alphas = _param(6, in_c, out_c, std=0.1)
+        self.alphas = _param(num_basis(2), in_c, out_c, std=0.1)
         if kind == "sigma_alpha_t":
-            self.alphas_bias = _param(6, in_c, out_c, std=0.05)
+            self.alphas_bias = _param(num_basis(2), in_c, out_c, std=0.05)
         if kind == "sigma_t2":
             self.scales_square = _param(1, std=2 / 3)
         self.scales, self.scale_bias = _param(1, std=2 / 3), _param(1, std=0.1)
