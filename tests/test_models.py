@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dcn_fast import srf_conv2d
 from dcn_fast.models import MODELS, PARAMETER_COUNTS, build
