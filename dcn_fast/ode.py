@@ -69,8 +69,9 @@ class TimeConv(nn.Module):
         else:
             self.layer = SRFConv2d(c_in, channels_out, backend=backend)
         if kind in META_KINDS:
-            # Published inits (DESIGN.md §1): t coefficients of log2 σ ~ N(0, (2/3)²), the
-            # intercept ~ N(0, 0.1²); with α(t), α's slope ~ N(0, 0.1²), its intercept ~ N(0, 0.05²).
+            # Inits of the official code (srf/structured_conv_layer_*.py): every t coefficient of
+            # log2 σ ~ N(0, (2/3)²), its intercept ~ N(0, 0.1²); α's slope ~ N(0, 0.1²), its
+            # intercept ~ N(0, 0.05²). (The paper's table gives σ(t²)'s t coefficient 2/3N.)
             self.scale_t = nn.Parameter(torch.randn(1) * (2 / 3))
             if kind == "sigma_t2":
                 self.scale_t2 = nn.Parameter(torch.randn(1) * (2 / 3))
