@@ -82,7 +82,7 @@ def _taps_forward(scale: torch.Tensor, order: int, radius: int, truncate: float 
         g = torch.where(x.abs() <= torch.ceil(reach), g, torch.zeros_like(g))
         # A σ wider than the layout (a radius read before σ changed) would lose its outer
         # taps without a trace; NaN taps make that visible instead.
-        g = torch.where(reach > radius + RADIUS_SLACK, torch.full_like(g, math.nan), g)
+        g = g.masked_fill(reach > radius + RADIUS_SLACK, math.nan)
     g_hat = g / g.sum(-1, keepdim=True)
     u = x / (math.sqrt(2.0) * sigma)
     hermite = _hermite(u, order)
