@@ -25,6 +25,7 @@ state dict): ``model = build(NAME); model.load_state_dict(torch.load(OUT.pt))``.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -132,8 +133,16 @@ def load_official(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    """``python -m dcn_fast.convert OFFICIAL OUT --model NAME [--force]``; returns the exit status."""
+    parser = _OneLineErrors(
         prog="python -m dcn_fast.convert", description="Convert an official DCN checkpoint to dcn_fast weights."
     )
     parser.add_argument("official", help="checkpoint saved by the official scripts (model_*.pth)")
@@ -148,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         if not out.parent.is_dir():
             raise ValueError(f"{out.parent} is not a directory")
         state = convert_state_dict(load_official(args.official), args.model)
-        torch.save(state, out)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, out)  # never a half-written OUT
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -103,7 +103,9 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert load_official(out).keys() == build("resnet-blocks").state_dict().keys()
 
 
-def test_cli_unknown_model_exits_2(tmp_path):
+@pytest.mark.parametrize("args", [["--model", "dcn"], []])
+def test_cli_usage_errors_are_one_line_exit_2(tmp_path, capsys, args):
     with pytest.raises(SystemExit) as exit_info:
-        main([str(tmp_path / "a.pth"), str(tmp_path / "b.pt"), "--model", "dcn"])
-    assert exit_info.value.code == 2
+        main([str(tmp_path / "a.pth"), str(tmp_path / "b.pt"), *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "--model" in err
