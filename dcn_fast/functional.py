@@ -71,7 +71,8 @@ def srf_taps_for(
     the same scale (e.g. every evaluation of one ODE solve): the call then
     neither rebuilds them nor reads σ back to the host. Differentiable in ``scale``.
     The call takes K from ``taps``: taps built with a larger radius (zeros past
-    σ's own radius, see :func:`dcn_fast.srf_taps`) are exact too.
+    σ's own radius, see :func:`dcn_fast.srf_taps`) are exact too under
+    ``padding="same"`` (with other paddings K also sets the output size).
     """
     check_options(order=order, truncate=truncate, stride=1, padding="same", groups=1, kernel_size=kernel_size)
     if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
