@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from dcn_fast import ops, srf_conv2d
+from dcn_fast import num_basis, ops, srf_conv2d
 from dcn_fast.shapes import BENCH_SIGMAS, DCN_BLOCK_LAYERS
 
 BATCH = 32
@@ -28,7 +28,7 @@ def test_layer_forward_backward(benchmark, layer, sigma, backend):
     torch.manual_seed(0)
     x = torch.randn(BATCH, layer.in_channels, layer.size, layer.size, requires_grad=True)
     scale = torch.tensor([math.log2(sigma)], requires_grad=True)
-    alpha = (0.1 * torch.randn(6, layer.in_channels, layer.out_channels)).requires_grad_()
+    alpha = (0.1 * torch.randn(num_basis(2), layer.in_channels, layer.out_channels)).requires_grad_()
     grad = torch.randn(BATCH, layer.out_channels, layer.size, layer.size)
 
     def step():

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcn_fast import SRFConv2d, srf_conv2d
+from dcn_fast import SRFConv2d, num_basis, srf_conv2d
 from dcn_fast.functional import truncation_radius
 from dcn_fast.shapes import DCN_BLOCK_LAYERS
 
@@ -59,7 +59,7 @@ def test_layer_gpu(benchmark, layer, sigma, kind, passes):
     dev = torch.device("cuda")
     x = torch.randn(BATCH, layer.in_channels, layer.size, layer.size, device=dev, requires_grad=True)
     scale = torch.tensor([math.log2(sigma)], device=dev)
-    alpha = 0.1 * torch.randn(6, layer.in_channels, layer.out_channels, device=dev)
+    alpha = 0.1 * torch.randn(num_basis(2), layer.in_channels, layer.out_channels, device=dev)
     radius = truncation_radius(scale, 2.0)
     grad = torch.randn(BATCH, layer.out_channels, layer.size, layer.size, device=dev)
     module = _layer(kind, layer, scale, alpha, radius)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -20,11 +21,19 @@ __all__ = [
     "pair_index",
     "srf_taps",
     "basis_from_taps",
+    "HostReadback",
 ]
 
 #: Largest tap radius any backend accepts (kernel size ``2 * MAX_RADIUS + 1``).
 #: At the default ``truncate=2`` this is reached at σ ≈ 31.7 (scale ≈ 4.99).
 MAX_RADIUS = 64
+
+#: How far (in taps) σ's published reach ``truncate·σ + 0.5`` may pass the radius the taps
+#: are laid out at before they turn into NaN: σ(t)'s bound and the host's radius are
+#: computed by different float operations, which may disagree by a few ulps at a boundary.
+RADIUS_SLACK = 1e-3
+
+_Value = TypeVar("_Value")
 
 
 def num_basis(order: int) -> int:
@@ -69,8 +78,11 @@ def _taps_forward(scale: torch.Tensor, order: int, radius: int, truncate: float 
     if truncate is not None:
         # Taps past each σ's own radius are zero, so one launch serves every σ
         # (per-channel scales, or a radius bound larger than needed).
-        own_radius = torch.ceil(truncate * sigma + 0.5)
-        g = torch.where(x.abs() <= own_radius, g, torch.zeros_like(g))
+        reach = truncate * sigma + 0.5
+        g = torch.where(x.abs() <= torch.ceil(reach), g, torch.zeros_like(g))
+        # A σ wider than the layout (a radius read before σ changed) would lose its outer
+        # taps without a trace; NaN taps make that visible instead.
+        g = g.masked_fill(reach > radius + RADIUS_SLACK, math.nan)
     g_hat = g / g.sum(-1, keepdim=True)
     u = x / (math.sqrt(2.0) * sigma)
     hermite = _hermite(u, order)
@@ -113,6 +125,8 @@ def srf_taps(scale: torch.Tensor, order: int, radius: int, truncate: float | Non
         truncate: ``k`` of the published radius ``ceil(k σ + 0.5)``; taps past
             that radius are zero and excluded from the normalisation. ``None``
             keeps every offset (fixed ``kernel_size``, the σ^ji variant).
+            Every σ's published radius must fit in ``radius``: the taps of a
+            σ that does not are NaN (so a stale radius cannot truncate silently).
 
     Returns:
         ``[*S, order + 1, 2 * radius + 1]``, ``b_n(x) = (-1/√2)^n H_n(x/(√2σ)) ĝ(x)``.
@@ -137,3 +151,35 @@ def basis_from_taps(taps: torch.Tensor, order: int) -> torch.Tensor:
     rows = taps[..., [l for l, _ in pairs], :]
     cols = taps[..., [m for _, m in pairs], :]
     return rows[..., :, None] * cols[..., None, :]
+
+
+class HostReadback:
+    """A host value derived from parameters (a tap radius), recomputed only after they change.
+
+    Reading a parameter on an accelerator stalls it, so a change is detected
+    from what the host already knows: the version counters (bumped by optimizer
+    steps, in-place writes under ``no_grad``, ``load_state_dict``) and storage
+    addresses (``param.data = ...``, ``.to()``). Writes through ``param.data``
+    bypass the version counter: on the CPU, where a read costs no device sync,
+    the values are also compared with those last read, so such writes are seen
+    as well; on an accelerator :func:`srf_taps` turns the taps of a σ that
+    outgrew the radius into NaN, and a σ that shrank keeps exact taps (zeros
+    past its own radius) under ``"same"`` padding.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._values: tuple[torch.Tensor | None, ...] = ()
+        self._value = None
+
+    def get(self, params: Sequence[torch.Tensor], compute: Callable[[], _Value]) -> _Value:
+        """``compute()`` if any of ``params`` changed since the last call, else its cached result."""
+        key = tuple((p._version, p.data_ptr(), p.device) for p in params)
+        unchanged = key == self._key and all(
+            p.device.type != "cpu" or torch.equal(p.detach(), seen) for p, seen in zip(params, self._values)
+        )
+        if not unchanged:
+            self._value = compute()  # raises (and caches nothing) for an invalid scale
+            self._key = key
+            self._values = tuple(p.detach().clone() if p.device.type == "cpu" else None for p in params)
+        return self._value

@@ -13,6 +13,7 @@ import torch
 
 from . import ops
 from .basis import MAX_RADIUS, num_basis, srf_taps
+from .geometry import resolve_padding
 from .reference import srf_conv2d_reference
 from .separable import dense_srf_conv2d, separable_srf_conv2d
 
@@ -70,7 +71,8 @@ def srf_taps_for(
     the same scale (e.g. every evaluation of one ODE solve): the call then
     neither rebuilds them nor reads σ back to the host. Differentiable in ``scale``.
     The call takes K from ``taps``: taps built with a larger radius (zeros past
-    σ's own radius, see :func:`dcn_fast.srf_taps`) are exact too.
+    σ's own radius, see :func:`dcn_fast.srf_taps`) are exact too under
+    ``padding="same"`` (with other paddings K also sets the output size).
     """
     check_options(order=order, truncate=truncate, stride=1, padding="same", groups=1, kernel_size=kernel_size)
     if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
@@ -166,7 +168,7 @@ def _validate(input, scale, alpha, order, truncate, stride, padding, groups, bia
                 f"{expected}, got {tuple(getattr(taps, 'shape', ()))}"
             )
 
-    pad = {"same": (radius, radius), "valid": (0, 0)}[padding] if isinstance(padding, str) else padding
+    pad = resolve_padding(padding, radius)
     height, width = input.shape[-2:]
     k = 2 * radius + 1
     if height + 2 * pad[0] < k or width + 2 * pad[1] < k:
@@ -294,8 +296,11 @@ def srf_conv2d(
     dtype = torch.promote_types(input.dtype, alpha.dtype)
     name = resolve_backend(backend, input, dtype, alpha, groups)
     if name == "reference":
+        # "same" stays symbolic: the reference pads by its own filter's radius, which is
+        # smaller than spec's when taps were laid out at a bound (σ(t) layers).
+        same_or_pad = "same" if padding == "same" else spec.padding
         return srf_conv2d_reference(
-            input, scale, alpha, order, truncate, spec.stride, spec.padding, groups, bias, kernel_size
+            input, scale, alpha, order, truncate, spec.stride, same_or_pad, groups, bias, kernel_size
         )
     input, alpha = input.to(dtype), alpha.to(dtype)
     if taps is None:

@@ -9,7 +9,8 @@ paper's exact counts (:data:`PARAMETER_COUNTS`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from torch import nn
 from .modules import SRFConv2d
 from .ode import ODEBlock, ODEFunc, group_norm
 
-__all__ = ["build", "MODELS", "PARAMETER_COUNTS", "Classifier", "ModelSpec"]
+__all__ = ["build", "MODELS", "PARAMETER_COUNTS", "ACTIVATIONS", "Classifier", "ModelSpec"]
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,13 @@ class ModelSpec:
     stage: str  # "ode" or "res"
     conv: str  # TimeConv kind inside ODE blocks; "conv"/"srf" in residual blocks
     srf_everywhere: bool = False  # stem and downsampling too
-    activation: str = "celu"
-    T: float = 2.0
+    activation: str = "celu"  # one of ACTIVATIONS, everywhere in the model
+    T: float = 2.0  # end time of every ODE block
     channel_groups: bool = False  # GroupNorm with C groups (DCN-full)
 
 
 MODELS: dict[str, ModelSpec] = {
+    # T = 1 as in the paper's text; the official Table 1 script integrates to 2 (build(..., T=2.0)).
     "odenet": ModelSpec("ode", "conv", activation="relu", T=1.0),
     "resnet-blocks": ModelSpec("res", "conv", activation="relu"),
     "resnet-srf-blocks": ModelSpec("res", "srf", activation="relu"),
@@ -57,7 +59,8 @@ PARAMETER_COUNTS = {
     "dcn-sigma-alpha-t": 689_494,
 }
 
-_ACTIVATIONS = {"relu": nn.ReLU, "celu": nn.CELU}
+#: Activations a model can use (``build(..., activation=...)``).
+ACTIVATIONS = {"relu": nn.ReLU, "celu": nn.CELU}
 
 
 class ResBlock(nn.Module):
@@ -86,7 +89,8 @@ class Classifier(nn.Module):
     def __init__(self, name: str, spec: ModelSpec, num_classes: int, backend: str, solver: dict) -> None:
         super().__init__()
         self.name = name
-        act = _ACTIVATIONS[spec.activation]
+        self.spec = spec
+        act = ACTIVATIONS[spec.activation]
         groups = (lambda c: c) if spec.channel_groups else (lambda c: None)
         srf = spec.srf_everywhere
         # The SRF stem keeps the map size ("same"); the 3x3 stem drops the border (32 → 30).
@@ -141,17 +145,34 @@ def build(
     gradient: str = "adjoint",
     adjoint_options: dict | None = None,
     replay: str = "step",
+    T: float | None = None,
+    activation: str | None = None,
 ) -> Classifier:
     """A model of Table 1 by name (see :data:`MODELS`), freshly initialised.
 
     Solver arguments apply to the ODE blocks (ignored by the ResNets);
     ``gradient`` is how each solve is differentiated (:data:`~dcn_fast.ode.GRADIENTS`)
     and ``replay`` the checkpointed replay's granularity (see :class:`~dcn_fast.ode.ODEBlock`).
+
+    ``T`` (end time of every ODE block, ODE models only) and ``activation``
+    (``"relu"`` or ``"celu"``, everywhere in the model) override the model's
+    defaults, e.g. Table A.1's controls ``build("odenet", T=2.0, activation="celu")``.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
-    if not isinstance(num_classes, int) or num_classes < 1:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    spec = MODELS[name]
+    if T is not None:
+        if spec.stage != "ode":
+            raise ValueError(f"T applies to ODE blocks; {name} has none (it is a ResNet)")
+        if isinstance(T, bool) or not (isinstance(T, (int, float)) and math.isfinite(T) and T > 0):
+            raise ValueError(f"T must be a finite number > 0, got {T!r}")
+        spec = replace(spec, T=float(T))
+    if activation is not None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+        spec = replace(spec, activation=activation)
     solver = dict(method=method, rtol=rtol, atol=atol, gradient=gradient, adjoint_options=adjoint_options,
                   replay=replay)
-    return Classifier(name, MODELS[name], num_classes, backend, solver)
+    return Classifier(name, spec, num_classes, backend, solver)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .basis import num_basis, srf_taps
+from .basis import HostReadback, num_basis, srf_taps
 from .functional import BACKENDS, IntPair, Padding, check_options, checked_radius, srf_conv2d, truncation_radius
+from .geometry import resolve_padding
 from .separable import dense_filters
 
-__all__ = ["SRFConv2d", "SCALE_SHARING"]
+__all__ = ["SRFConv2d", "SCALE_SHARING", "scale_from_published"]
 
 #: How many σ a layer learns: one, one per output channel, or one per (output, input) pair.
 SCALE_SHARING = ("layer", "channel", "pair")
@@ -46,8 +47,17 @@ class SRFConv2d(nn.Module):
     Shapes: input ``[B, C_in, H, W]`` → output ``[B, C_out, Ho, Wo]``.
     Parameters: ``alpha`` ``[F, C_in/groups, C_out]`` and ``scale``.
 
-    State dicts of the published ``Srf_layer_shared`` (keys ``alphas`` and
-    ``scales``) load directly.
+    State dicts of the published ``Srf_layer_shared`` and ``Srf_layer_ind``
+    (keys ``alphas`` and ``scales``) load directly: the σ^ji scales, stored
+    ``[C_in, C_out]`` there, are transposed (:func:`scale_from_published`).
+
+    The kernel size needs σ on the host: it is read back only after ``scale``
+    changed (:class:`~dcn_fast.basis.HostReadback`), so between updates a
+    forward has no host sync and can be captured in a CUDA graph. Writes
+    through ``scale.data`` are seen on the CPU; on an accelerator a σ grown
+    past the cached kernel gives NaN, never a silently truncated filter. With
+    a learned σ and ``padding`` other than ``"same"`` on an accelerator, σ is
+    read every call (K sets the output size there).
 
     Example:
         >>> layer = SRFConv2d(3, 16, init_scale=0.0)
@@ -104,8 +114,7 @@ class SRFConv2d(nn.Module):
         scale_shape = {"layer": (1,), "channel": (out_channels,), "pair": (out_channels, in_channels // groups)}
         self.scale = nn.Parameter(torch.empty(scale_shape[scale_sharing], **factory), requires_grad=learn_scale)
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        self._radius_key: tuple[int, int] | None = None  # (version, address) of scale when _radius was read
-        self._radius = 0
+        self._radius_readback = HostReadback()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -138,25 +147,72 @@ class SRFConv2d(nn.Module):
         return (k, k)
 
     def taps(self) -> torch.Tensor:
-        """The 1-D taps ``[*scale.shape, order+1, K]`` for the current σ (differentiable in ``scale``).
+        """The 1-D taps ``[*scale.shape, order+1, K]`` for the current σ (differentiable in
+        ``scale``); σ is read back only after it changed (see the class docstring)."""
+        return self.taps_at(self.scale, self._current_radius())
 
-        σ is read back to the host (for K) only when ``scale`` changed since the
-        last call (its version counter moves with every in-place update: an
-        optimizer step, ``load_state_dict``): between updates a forward needs no
-        host sync, so it can be captured in a CUDA graph.
-        """
-        key = (self.scale._version, self.scale.data_ptr())
-        if self._radius_key != key:
-            self._radius = checked_radius(self.scale, self.truncate, self.fixed_kernel_size)
-            self._radius_key = key
+    def _current_radius(self) -> int:
+        def read() -> int:
+            return checked_radius(self.scale, self.truncate, self.fixed_kernel_size)
+
+        if self.padding != "same" and self.fixed_kernel_size is None and self.scale.device.type != "cpu":
+            return read()
+        return self._radius_readback.get((self.scale,), read)
+
+    def taps_at(self, scale: torch.Tensor, radius: int) -> torch.Tensor:
+        """This layer's taps (its order and truncation) for any ``scale``, laid out at ``radius``:
+        ``[*scale.shape, order+1, 2·radius+1]``. σ(t) layers pass a radius bound valid at every t."""
         truncate = self.truncate if self.fixed_kernel_size is None else None
-        return srf_taps(self.scale, self.order, self._radius, truncate)
+        return srf_taps(scale, self.order, radius, truncate)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.convolve(input, self.taps())
+
+    def _restrict(
+        self, in_channels: slice, scale: torch.Tensor, alpha: torch.Tensor, taps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """scale, alpha and taps of the input channels ``in_channels`` only."""
+        if in_channels == slice(None):
+            return scale, alpha, taps
+        if self.groups != 1:
+            raise ValueError(f"in_channels needs groups=1, this layer has groups={self.groups}")
+        if self.scale_sharing == "pair":
+            scale, taps = scale[:, in_channels], taps[:, in_channels]
+        return scale, alpha[:, in_channels], taps
+
+    def convolve(
+        self,
+        input: torch.Tensor,
+        taps: torch.Tensor,
+        *,
+        scale: torch.Tensor | None = None,
+        alpha: torch.Tensor | None = None,
+        in_channels: slice = slice(None),
+    ) -> torch.Tensor:
+        """This layer's convolution (order, truncation, stride, padding, kernel size, bias,
+        backend) with given taps and, optionally, other weights or part of the input channels.
+
+        ``forward(x)`` is ``convolve(x, self.taps())``. Layers whose weights are
+        functions of time (σ(t), α(t)) pass theirs; an ODE block convolves the
+        state without its time channel (``in_channels=slice(1, None)``).
+
+        Args:
+            input: ``[B, n, H, W]``, the ``n`` input channels selected by ``in_channels``.
+            taps: from :meth:`taps` or :meth:`taps_at` for ``scale``, all input channels.
+            scale: log2 σ shaped like the layer's ``scale``; default the layer's.
+            alpha: ``[F, C_in, C_out]``; default the layer's.
+            in_channels: the layer's input channels ``input`` holds (groups = 1 only).
+
+        Returns:
+            ``[B, C_out, Ho, Wo]``.
+        """
+        scale, alpha, taps = self._restrict(
+            in_channels, self.scale if scale is None else scale, self.alpha if alpha is None else alpha, taps
+        )
         return srf_conv2d(
             input,
-            self.scale,
-            self.alpha,
+            scale,
+            alpha,
             order=self.order,
             truncate=self.truncate,
             stride=self.stride,
@@ -165,23 +221,27 @@ class SRFConv2d(nn.Module):
             bias=self.bias,
             kernel_size=self.fixed_kernel_size,
             backend=self.backend,
-            taps=self.taps(),
+            taps=taps,
         )
 
-    def filters(self) -> torch.Tensor:
-        """The dense filters ``[C_out, C_in/groups, K, K]`` (differentiable)."""
-        taps = self.taps()
+    def filters(
+        self, taps: torch.Tensor | None = None, *, alpha: torch.Tensor | None = None, in_channels: slice = slice(None)
+    ) -> torch.Tensor:
+        """The dense filters ``[C_out, n, K, K]`` (differentiable) of the ``n`` input channels
+        ``in_channels`` (default all: n = C_in/groups); arguments as in :meth:`convolve`."""
+        taps = self.taps() if taps is None else taps
+        _, alpha, taps = self._restrict(in_channels, self.scale, self.alpha if alpha is None else alpha, taps)
         if self.scale_sharing == "layer":
             taps = taps.reshape(taps.shape[-2:])
         else:
             taps = taps.reshape(self.out_channels, -1, *taps.shape[-2:])
-        return dense_filters(taps, self.alpha, self.order)
+        return dense_filters(taps.to(alpha.dtype), alpha, self.order)
 
     def to_conv2d(self) -> nn.Conv2d:
         """An equivalent ``nn.Conv2d`` with the current filters, frozen (for export)."""
         weight = self.filters().detach()
         k = weight.shape[-1]
-        padding = {"same": k // 2, "valid": 0}.get(self.padding, self.padding)
+        padding = resolve_padding(self.padding, k // 2)
         conv = nn.Conv2d(
             self.in_channels,
             self.out_channels,
@@ -201,10 +261,11 @@ class SRFConv2d(nn.Module):
         return conv
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The published Srf_layer_shared names its parameters alphas / scales.
-        for published, ours in (("alphas", "alpha"), ("scales", "scale")):
-            if prefix + published in state_dict and prefix + ours not in state_dict:
-                state_dict[prefix + ours] = state_dict.pop(prefix + published)
+        # The published layers name their parameters alphas / scales.
+        if prefix + "alphas" in state_dict and prefix + "alpha" not in state_dict:
+            state_dict[prefix + "alpha"] = state_dict.pop(prefix + "alphas")
+        if prefix + "scales" in state_dict and prefix + "scale" not in state_dict:
+            state_dict[prefix + "scale"] = scale_from_published(state_dict.pop(prefix + "scales"), self.scale_sharing)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -226,3 +287,17 @@ class SRFConv2d(nn.Module):
             parts.append("bias=False")
         parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)
+
+
+def scale_from_published(scales: torch.Tensor, scale_sharing: str) -> torch.Tensor:
+    """``scale`` of an :class:`SRFConv2d` from the published layer's ``scales``.
+
+    The published σ^ji layer (``Srf_layer_ind``) stores ``[C_in, C_out]``
+    (its filters read σ in that order), SRFConv2d ``[C_out, C_in]``: transposed.
+    One σ per layer (``Srf_layer_shared``, ``[1]``) is the same in both.
+    """
+    if scale_sharing == "pair":
+        if scales.dim() != 2:
+            raise ValueError(f"published σ^ji scales must be 2-D [C_in, C_out], got shape {tuple(scales.shape)}")
+        return scales.t().contiguous()
+    return scales

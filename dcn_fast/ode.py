@@ -18,13 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .basis import num_basis, srf_taps
+from .basis import HostReadback
 from .checkpoint import CHECKPOINT_METHODS, REPLAYS, check_method, checkpointed_odeint, first_step
-from .separable import dense_filters
-from .functional import checked_radius, srf_conv2d
+from .functional import checked_radius
 from .modules import SRFConv2d
 
-__all__ = ["TimeConv", "ODEFunc", "ODEBlock", "META_KINDS", "GRADIENTS"]
+__all__ = ["TimeConv", "ODEFunc", "ODEBlock", "META_KINDS", "TIME_CONV_KINDS", "GRADIENTS"]
 
 #: How an ODE block differentiates its solve (see :class:`ODEBlock`).
 GRADIENTS = ("checkpoint", "adjoint", "backprop")
@@ -32,11 +31,11 @@ GRADIENTS = ("checkpoint", "adjoint", "backprop")
 #: Meta-parametrised scale/coefficient laws of the paper's Table 4.
 META_KINDS = ("sigma_t", "sigma_t2", "sigma_alpha_t")
 
+#: Every kind of :class:`TimeConv`.
+TIME_CONV_KINDS = ("conv", "srf", "srf_pair", *META_KINDS)
+
 #: t is clipped to [T_MIN, T_MAX] and scaled by TAU before entering a meta law.
 T_MIN, T_MAX, TAU = -0.5, 2.5, 0.5
-
-#: The published truncation of every DCN layer: radius ceil(2σ + 0.5).
-TRUNCATE = 2.0
 
 
 class TimeConv(nn.Module):
@@ -50,34 +49,41 @@ class TimeConv(nn.Module):
             (``SRFConv2d``, one σ), ``"srf_pair"`` (σ^ji, fixed 7x7), or a
             meta law of :data:`META_KINDS` (σ and/or α functions of t).
         backend: SRF backend.
+
+    ``layer`` is the ``nn.Conv2d`` or :class:`SRFConv2d` over all ``channels_in + 1``
+    inputs. The meta laws (paper Table 4) use its ``scale`` and ``alpha`` as their
+    values at s = 0, with s = τ·clip(t, T_MIN, T_MAX):
+    ``scale(t) = layer.scale + scale_t·s (+ scale_t2·s²)``,
+    ``alpha(t) = layer.alpha (+ alpha_t·s)``.
     """
 
     def __init__(self, channels_in: int, channels_out: int, kind: str = "srf", backend: str = "auto") -> None:
         super().__init__()
+        if kind not in TIME_CONV_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(map(repr, TIME_CONV_KINDS))}, got {kind!r}")
         self.kind = kind
-        self.backend = backend
-        self.order = 2  # the paper's N-jet order in every DCN
         c_in = channels_in + 1
         self._cache: dict | None = None
         if kind == "conv":
             self.layer = nn.Conv2d(c_in, channels_out, 3, padding=1)
-        elif kind == "srf":
-            self.layer = SRFConv2d(c_in, channels_out, backend=backend)
         elif kind == "srf_pair":
             self.layer = SRFConv2d(c_in, channels_out, scale_sharing="pair", kernel_size=7, backend=backend)
-        elif kind in META_KINDS:
-            f = num_basis(self.order)
-            self.alpha = nn.Parameter(0.1 * torch.randn(f, c_in, channels_out))
-            if kind == "sigma_alpha_t":
-                self.alpha_slope = nn.Parameter(0.1 * torch.randn(f, c_in, channels_out))
-                self.alpha.data.mul_(0.5)  # b_α ~ N(0, 0.05), a_α ~ N(0, 0.1)
-            # Published inits (DESIGN.md §1): one coefficient per power of t.
-            stds = {"sigma_t": (2 / 3, 0.1), "sigma_t2": (2 / 3, 2 / 3 / 2, 0.1), "sigma_alpha_t": (2 / 3, 0.1)}[kind]
-            self.scale_coeffs = nn.Parameter(torch.randn(len(stds)) * torch.tensor(stds))
-            self._bound_key: tuple[int, int] | None = None  # (version, address) of scale_coeffs when read
-            self._radius_bound = 0
         else:
-            raise ValueError(f"kind must be 'conv', 'srf', 'srf_pair' or one of {META_KINDS}, got {kind!r}")
+            self.layer = SRFConv2d(c_in, channels_out, backend=backend)
+        if kind in META_KINDS:
+            # Inits of the official code (srf/structured_conv_layer_*.py): every t coefficient of
+            # log2 σ ~ N(0, (2/3)²), its intercept ~ N(0, 0.1²); α's slope ~ N(0, 0.1²), its
+            # intercept ~ N(0, 0.05²). (The paper's table gives σ(t²)'s t coefficient 2/3N.)
+            self.scale_t = nn.Parameter(torch.randn(1) * (2 / 3))
+            if kind == "sigma_t2":
+                self.scale_t2 = nn.Parameter(torch.randn(1) * (2 / 3))
+            if kind == "sigma_alpha_t":
+                self.alpha_t = nn.Parameter(torch.randn_like(self.layer.alpha) * 0.1)
+            with torch.no_grad():
+                self.layer.scale.normal_(0.0, 0.1)
+                if kind == "sigma_alpha_t":
+                    self.layer.alpha.normal_(0.0, 0.05)
+            self._bound_readback = HostReadback()
 
     @property
     def time_dependent(self) -> bool:
@@ -95,56 +101,44 @@ class TimeConv(nn.Module):
     def end_solve(self) -> None:
         self._cache = None
 
-    def _meta(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def meta_weights(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale [1], alpha [F, C_in+1, C_out])`` of a meta law at time ``t``."""
         s = TAU * t.clamp(T_MIN, T_MAX)
-        c = self.scale_coeffs
+        scale = self.layer.scale + self.scale_t * s
         if self.kind == "sigma_t2":
-            scale = c[0] * s * s + c[1] * s + c[2]
-        else:
-            scale = c[0] * s + c[1]
-        alpha = self.alpha + self.alpha_slope * s if self.kind == "sigma_alpha_t" else self.alpha
-        return scale.reshape(1), alpha
+            scale = scale + self.scale_t2 * s * s
+        alpha = self.layer.alpha + self.alpha_t * s if self.kind == "sigma_alpha_t" else self.layer.alpha
+        return scale, alpha
+
+    def _law_parameters(self) -> tuple[torch.Tensor, ...]:
+        """The parameters of log2 σ(s): intercept, slope and, for σ(t²), the square's coefficient."""
+        return (self.layer.scale, self.scale_t) + ((self.scale_t2,) if self.kind == "sigma_t2" else ())
 
     def radius_bound(self) -> int:
-        """The largest tap radius σ(t) reaches for t in [T_MIN, T_MAX] (σ(t) kinds).
+        """The largest tap radius σ(t) reaches for t in [T_MIN, T_MAX] (meta kinds).
 
         Taps laid out at this radius are exact at every t (zero past σ(t)'s own
         radius), so an evaluation reads nothing back to the host: the
-        coefficients are read once after each update (their version counter).
+        coefficients are read once after each change (:class:`HostReadback`).
         """
-        coeffs = self.scale_coeffs
-        key = (coeffs._version, coeffs.data_ptr())
-        if self._bound_key != key:
-            c = coeffs.detach().double().tolist()  # the one host read
-            ends = [TAU * T_MIN, TAU * T_MAX]
-            if self.kind == "sigma_t2":
-                # Concave: the vertex, clipped to the interval, may be the highest point.
-                points = ends + ([min(max(-c[1] / (2 * c[0]), ends[0]), ends[1])] if c[0] < 0 else [])
-                highest = max(c[0] * s * s + c[1] * s + c[2] for s in points)
-            else:
-                highest = max(c[0] * s + c[1] for s in ends)
-            # A margin for float32 rounding of σ(t) on the device; the extra taps would be zeros.
-            self._radius_bound = checked_radius(torch.tensor([highest + 1e-6], dtype=torch.float64), TRUNCATE, None)
-            self._bound_key = key
-        return self._radius_bound
+        return self._bound_readback.get(self._law_parameters(), self._read_radius_bound)
 
-    def _weights(self, t: torch.Tensor):
-        """(scale, alpha, taps, kernel_size) of the SRF kinds at time t."""
+    def _read_radius_bound(self) -> int:
+        coeffs = torch.cat([p.detach().reshape(1) for p in self._law_parameters()]).double().tolist()  # one read
+        intercept, slope, square = coeffs + [0.0] * (3 - len(coeffs))
+        ends = [TAU * T_MIN, TAU * T_MAX]
+        # Concave: the vertex, clipped to the interval, may be the highest point.
+        vertex = [min(max(-slope / (2 * square), ends[0]), ends[1])] if square < 0 else []
+        highest = max(intercept + slope * s + square * s * s for s in ends + vertex)
+        # The margin covers float32 rounding of σ(t) on the device (the extra taps are zeros).
+        return checked_radius(torch.tensor([highest + 1e-6], dtype=torch.float64), self.layer.truncate, None)
+
+    def _weights(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scale, alpha, taps) of the SRF kinds at time t."""
         if self.time_dependent:
-            scale, alpha = self._meta(t)
-            return scale, alpha, srf_taps(scale, self.order, self.radius_bound(), TRUNCATE), None
-        # The layer reads σ back only after an update: no host sync per solve or adjoint evaluation.
-        return self.layer.scale, self.layer.alpha, self.layer.taps(), self.layer.fixed_kernel_size
-
-    def _conv(self, x: torch.Tensor, part: slice, weights) -> torch.Tensor:
-        """The convolution restricted to input channels ``part`` (0 = time, 1: = x)."""
-        if self.kind == "conv":
-            bias = self.layer.bias if part.start == 1 else None
-            return F.conv2d(x, self.layer.weight[:, part], bias, padding=1)
-        scale, alpha, taps, kernel_size = weights
-        if scale.dim() == 2:  # σ^ji: the pairs of these input channels
-            scale, taps = scale[:, part], taps[:, part]
-        return srf_conv2d(x, scale, alpha[:, part], kernel_size=kernel_size, backend=self.backend, taps=taps)
+            scale, alpha = self.meta_weights(t)
+            return scale, alpha, self.layer.taps_at(scale, self.radius_bound())
+        return self.layer.scale, self.layer.alpha, self.layer.taps()
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # Entries made without a graph must not serve an evaluation that needs one
@@ -154,7 +148,11 @@ class TimeConv(nn.Module):
         if self.kind != "conv":
             weights = cache.get("weights") or self._weights(t)
             cache["weights"] = weights
-        out = self._conv(x, slice(1, None), weights)
+        if self.kind == "conv":
+            out = F.conv2d(x, self.layer.weight[:, 1:], self.layer.bias, padding=self.layer.padding)
+        else:
+            scale, alpha, taps = weights
+            out = self.layer.convolve(x, taps, scale=scale, alpha=alpha, in_channels=slice(1, None))
         key = tuple(x.shape[-2:])
         m = cache.get(key)
         if m is None:
@@ -171,9 +169,8 @@ class TimeConv(nn.Module):
         if self.kind == "conv":
             w_t = self.layer.weight[:, 0]
         else:
-            scale, alpha, taps, _ = weights
-            t_taps = taps[:, :1] if scale.dim() == 2 else taps.reshape(taps.shape[-2:])
-            w_t = dense_filters(t_taps.to(alpha.dtype), alpha[:, :1], self.order)[:, 0]
+            _, alpha, taps = weights
+            w_t = self.layer.filters(taps, alpha=alpha, in_channels=slice(0, 1))[:, 0]
         radius = w_t.shape[-1] // 2
         offsets = torch.arange(-radius, radius + 1, device=like.device)
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .geometry import output_size
+
 __all__ = ["cpu_kernel_available", "srf_conv2d", "source_dir"]
 
 _lock = threading.Lock()
@@ -96,10 +98,6 @@ def cpu_kernel_available(warn: bool = False) -> bool:
     return bool(_state["ok"])
 
 
-def _output_size(size: int, k: int, stride: int, pad: int) -> int:
-    return (size + 2 * pad - k) // stride + 1
-
-
 def _register_python_side() -> None:
     @torch.library.register_fake("dcn_fast::srf_conv2d")
     def _(input, taps, alpha, stride, padding, groups):
@@ -107,8 +105,8 @@ def _register_python_side() -> None:
         torch._check(taps.dim() == 2, lambda: "taps must be [order+1, K]")
         torch._check(alpha.dim() == 3 and alpha.shape[1] * groups == input.shape[1], lambda: "alpha shape")
         k = taps.shape[1]
-        ho = _output_size(input.shape[2], k, stride[0], padding[0])
-        wo = _output_size(input.shape[3], k, stride[1], padding[1])
+        ho = output_size(input.shape[2], k, stride[0], padding[0])
+        wo = output_size(input.shape[3], k, stride[1], padding[1])
         return input.new_empty((input.shape[0], alpha.shape[2], ho, wo))
 
     @torch.library.register_fake("dcn_fast::srf_conv2d_backward")

@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .geometry import resolve_padding
+
 __all__ = ["srf_filters_reference", "srf_conv2d_reference"]
 
 
@@ -79,6 +81,5 @@ def srf_conv2d_reference(
     """Published SRF convolution; arguments as in :func:`dcn_fast.functional.srf_conv2d`,
     already validated (``padding`` is ``"same"``, ``"valid"`` or a pair)."""
     weight = srf_filters_reference(scale, alpha, order, truncate, kernel_size)
-    radius = weight.shape[-1] // 2
-    pad = {"same": (radius, radius), "valid": (0, 0)}.get(padding, padding)
+    pad = resolve_padding(padding, weight.shape[-1] // 2)
     return F.conv2d(input, weight, bias, stride=stride, padding=pad, groups=groups)

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from dcn_fast.basis import pair_index
+from dcn_fast.geometry import output_size
 
 __all__ = ["srf_conv2d_triton", "supports"]
 
@@ -372,8 +373,8 @@ def _one_d_pass(src, taps, order, kind, out_slots, out_size, stride, pad, axis, 
 def _geometry(input, taps, alpha, stride, padding):
     batch, c_in, height, width = input.shape
     k = taps.shape[1]
-    out_h = (height + 2 * padding[0] - k) // stride[0] + 1
-    out_w = (width + 2 * padding[1] - k) // stride[1] + 1
+    out_h = output_size(height, k, stride[0], padding[0])
+    out_w = output_size(width, k, stride[1], padding[1])
     return batch, c_in, height, width, alpha.shape[2], k, out_h, out_w
 
 

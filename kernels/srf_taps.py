@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dcn_fast.basis import RADIUS_SLACK
 from .srf_conv2d import _pow2
 
 __all__ = ["srf_taps_triton"]
@@ -26,6 +27,7 @@ def _srf_taps_kernel(
     taps_ptr,  # [S, ORDER+1, K] float32
     dtaps_ptr,  # [S, ORDER+1, K] float32: ∂taps/∂scale
     truncate,
+    slack,  # dcn_fast.basis.RADIUS_SLACK
     RADIUS: tl.constexpr, K_PAD: tl.constexpr, ORDER: tl.constexpr, TRUNCATE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -36,7 +38,10 @@ def _srf_taps_kernel(
     x = (idx - RADIUS).to(tl.float32)
     g = tl.exp(-(x * x) / (2 * sigma * sigma))
     if TRUNCATE:  # past σ's own radius the taps are zero (a radius bound larger than needed is exact)
-        inside = inside & (tl.abs(x) <= tl.ceil(truncate * sigma + 0.5))
+        reach = truncate * sigma + 0.5
+        inside = inside & (tl.abs(x) <= tl.ceil(reach))
+        # A σ wider than the layout (a stale radius) gives NaN taps, never silently truncated ones.
+        g = tl.where(reach > RADIUS + slack, float("nan"), g)
     g = tl.where(inside, g, 0.0)
     g_hat = g / tl.sum(g, axis=0)
     u = x / (1.4142135623730951 * sigma)
@@ -61,7 +66,7 @@ class _SRFTapsTriton(torch.autograd.Function):
         taps = torch.empty(flat.numel(), order + 1, 2 * radius + 1, device=scale.device, dtype=torch.float32)
         dtaps = torch.empty_like(taps)
         _srf_taps_kernel[(flat.numel(),)](
-            flat, taps, dtaps, truncate if truncate is not None else 0.0,
+            flat, taps, dtaps, truncate if truncate is not None else 0.0, RADIUS_SLACK,
             RADIUS=radius, K_PAD=_pow2(2 * radius + 1), ORDER=order, TRUNCATE=truncate is not None,
         )
         ctx.save_for_backward(dtaps)

@@ -78,15 +78,9 @@ def _block_grads(func, gradient, x, **kwargs):
     return out.detach(), [xi.grad] + [p.grad.clone() for p in func.parameters()], block
 
 
-_REFERENCE_META_BUG = pytest.mark.xfail(
-    strict=True, reason="issue 12: backend='reference' crashes for σ(t) kinds (taps at the radius bound)")
-
-
 @pytest.mark.parametrize("backend", ["reference", "separable", "cpu", "auto"])
 @pytest.mark.parametrize("kind", ["srf", "srf_pair", "sigma_t2", "sigma_alpha_t", "conv"])
 def test_every_backend_and_kind(kind, backend, request):
-    if backend == "reference" and kind.startswith("sigma"):
-        request.applymarker(_REFERENCE_META_BUG)
     if backend == "cpu":
         request.getfixturevalue("cpu_kernel")
     func = _ode_func(kind, backend).double()

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dcn_fast import srf_conv2d
 from dcn_fast.models import MODELS, PARAMETER_COUNTS, build
@@ -40,7 +39,7 @@ def explicit_concat(conv: TimeConv, t: torch.Tensor, x: torch.Tensor) -> torch.T
         return conv.layer(tx)
     if conv.kind in ("srf", "srf_pair"):
         return conv.layer(tx)
-    scale, alpha = conv._meta(t)
+    scale, alpha = conv.meta_weights(t)
     return srf_conv2d(tx, scale, alpha, backend="reference")
 
 
@@ -60,9 +59,9 @@ def test_time_channel_without_concatenation_is_exact(kind, t):
 
 def test_meta_laws_clip_and_scale_time():
     conv = TimeConv(2, 2, "sigma_t2")
-    a, b, c = conv.scale_coeffs.tolist()
+    a, b, c = conv.scale_t2.item(), conv.scale_t.item(), conv.layer.scale.item()
     for t, s in [(1.0, TAU * 1.0), (9.0, TAU * 2.5), (-3.0, TAU * -0.5)]:
-        scale, _ = conv._meta(torch.tensor(t))
+        scale, _ = conv.meta_weights(torch.tensor(t))
         assert scale.item() == pytest.approx(a * s * s + b * s + c, rel=1e-6)
 
 
@@ -122,12 +121,65 @@ def test_sigma_t_taps_use_a_radius_bound_read_once_per_update(kind, monkeypatch)
     conv = TimeConv(3, 4, kind).double()
     x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
     ts = torch.linspace(-1.0, 3.0, 9, dtype=torch.float64)
-    own = [truncation_radius(conv._meta(t)[0], ode.TRUNCATE) for t in ts]
+    own = [truncation_radius(conv.meta_weights(t)[0], conv.layer.truncate) for t in ts]
     for t in ts:
         torch.testing.assert_close(conv(t, x), explicit_concat(conv, t, x), rtol=1e-10, atol=1e-12)
     assert len(reads) == 1 and max(own) <= conv.radius_bound() <= max(own) + 1  # samples may miss a vertex
     with torch.no_grad():
-        conv.scale_coeffs.add_(0.5)  # σ grows at every t
+        conv.layer.scale.add_(0.5)  # σ grows at every t
     t = torch.tensor(2.0, dtype=torch.float64)
     torch.testing.assert_close(conv(t, x), explicit_concat(conv, t, x), rtol=1e-10, atol=1e-12)
     assert len(reads) == 2
+
+
+@pytest.mark.parametrize("name", ["dcn-sigma-t", "dcn-sigma-t2", "dcn-sigma-alpha-t", "dcn-sigma-ji", "dcn-full"])
+def test_every_cpu_backend_gives_the_same_model_outputs(name):
+    """σ(t) taps are laid out at a radius bound; the reference rebuilds the filter at σ(t)'s own radius
+    (it crashed on the size mismatch). RK4 evaluates the meta laws at t = 0, 2/3, 4/3 and 2."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 12, 12, dtype=torch.float64)
+    reference = build(name, backend="reference", method="rk4").double()
+    with torch.no_grad():
+        want = reference(x)
+        for backend in ("cpu", "separable"):
+            model = build(name, backend=backend, method="rk4").double()
+            model.load_state_dict(reference.state_dict())
+            torch.testing.assert_close(model(x), want, rtol=1e-10, atol=1e-12)
+
+
+def test_sigma_t2_inits_as_the_official_code():
+    """Srf_layer_shared_quad: t² and t coefficients of log2 σ ~ N(0, (2/3)²), intercept ~ N(0, 0.1²)."""
+    convs = [TimeConv(1, 1, "sigma_t2") for _ in range(300)]
+    for name, std in (("scale_t2", 2 / 3), ("scale_t", 2 / 3)):
+        values = torch.cat([getattr(c, name).detach() for c in convs])
+        assert abs(values.std().item() - std) < 0.08, name
+    intercepts = torch.cat([c.layer.scale.detach() for c in convs])
+    assert abs(intercepts.std().item() - 0.1) < 0.02
+
+
+def test_odenet_end_time_and_activation_are_options():
+    """Table A.1's controls: the official ODE-Net integrates to T = 2; a CELU ODE-Net."""
+    from torch import nn
+
+    model = build("odenet", T=2.0, activation="celu")
+    assert [block.T for block in model.ode_blocks()] == [2.0, 2.0, 2.0]
+    assert not any(isinstance(m, nn.ReLU) for m in model.modules())
+    assert any(isinstance(m, nn.CELU) for m in model.modules())
+    assert model.num_parameters() == PARAMETER_COUNTS["odenet"]
+    assert [b.T for b in build("odenet").ode_blocks()] == [1.0] * 3
+    assert build("resnet-blocks", activation="celu").stage1.act.__class__ is nn.CELU
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(name="odenet", T=0.0), "T must be a finite number > 0, got 0.0"),
+        (dict(name="odenet", T=float("nan")), "T must be a finite number > 0"),
+        (dict(name="odenet", T=True), "T must be a finite number > 0"),
+        (dict(name="resnet-blocks", T=2.0), "T applies to ODE blocks; resnet-blocks has none"),
+        (dict(name="dcn-ode", activation="tanh"), "activation must be one of 'relu', 'celu', got 'tanh'"),
+    ],
+)
+def test_build_option_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build(kwargs.pop("name"), **kwargs)

@@ -57,7 +57,7 @@ def _compile(fn, constexprs: dict, num_warps: int) -> dict:
         name: "constexpr" if name in constexprs else index.get(name, "*fp32") if name.endswith("_ptr") else "i32"
         for name in fn.arg_names
     }
-    signature.update({name: "fp32" for name in ("truncate",) if name in signature})
+    signature.update({name: "fp32" for name in ("truncate", "slack") if name in signature})
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as ptx:
