@@ -28,6 +28,7 @@ here by name and checked at import: a torchdiffeq without them makes
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Callable, Iterable
 
@@ -254,7 +255,9 @@ class _CheckpointedSolve(torch.autograd.Function):
         derivatives = [f for _, _, _, f in recorder.steps[1:]]
         ctx.num_params = len(params)
         ctx.save_for_backward(*params, *states, *derivatives)
-        return y[1]
+        # A tensor of its own, not a view of the solver's [2, ...] buffer (which would keep
+        # the initial state alive and refuse in-place use of the result).
+        return y[1].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -310,11 +313,21 @@ def checkpointed_odeint(
     Returns:
         ``y(T)``, shaped like ``y0``; its backward gives ``y0`` and ``params``
         the gradients of backpropagation through the same solve.
+
+    The backward evaluates ``func`` again, so ``func`` must be a deterministic
+    function of ``(t, y)`` and ``params``: random draws (dropout) would differ
+    from the forward's, state it updates (BatchNorm's running statistics)
+    would be updated again, and tensors it uses that are not in ``params``
+    get no gradient. The result's gradient is not differentiable again
+    (``create_graph=True`` gives one that raises when differentiated).
     """
     check_method(method, options)
     if replay not in REPLAYS:
         raise ValueError(f"replay must be one of {', '.join(map(repr, REPLAYS))}, got {replay!r}")
-    params = tuple(p for p in params if p.requires_grad)
+    if isinstance(T, bool) or not isinstance(T, (int, float)) or not math.isfinite(T) or T <= 0:
+        raise ValueError(f"T must be a finite number > 0 (a Python number: no gradient reaches it), got {T!r}")
+    # Each tensor once (as Module.parameters() gives them), or its gradient would count twice.
+    params = tuple({id(p): p for p in params if p.requires_grad}.values())
     solve = dict(func=func, T=float(T), rtol=rtol, atol=atol, method=method, options=options,
                  replay=replay, scope=scope or _nothing)
     return _CheckpointedSolve.apply(solve, y0, *params)

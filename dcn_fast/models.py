@@ -144,7 +144,7 @@ def build(
     atol: float = 1e-3,
     gradient: str = "adjoint",
     adjoint_options: dict | None = None,
-    replay: str = "step",
+    replay: str | None = None,
     T: float | None = None,
     activation: str | None = None,
 ) -> Classifier:

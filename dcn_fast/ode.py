@@ -236,10 +236,16 @@ class ODEBlock(nn.Module):
             - ``"backprop"``: backpropagates through every operation of the
               solver: exact, memory grows with every evaluation.
         adjoint_options: e.g. ``{"norm": "seminorm"}`` (fewer backward steps).
-        replay: with ``gradient="checkpoint"``, what one replay holds a graph
-            of: ``"step"`` (one accepted step: faster) or ``"stage"`` (one
-            evaluation, after recomputing the step's stages without a graph:
-            ~3.5× less memory for ~1.4× the time, measured on a DCN block).
+        replay: with ``gradient="checkpoint"`` only, what one replay holds a
+            graph of: ``"step"`` (one accepted step, the default: faster) or
+            ``"stage"`` (one evaluation, after recomputing the step's stages
+            without a graph: ~3.5× less memory for ~1.7× the time, measured on
+            a DCN block).
+
+    With ``"checkpoint"`` the backward evaluates ``func`` again: it must be
+    deterministic (no dropout) and update no state (no BatchNorm in training
+    mode); like the adjoint, it differentiates the input and ``func``'s
+    parameters only.
 
     ``nfe_forward`` / ``nfe_backward`` hold the evaluations of the last forward
     and of the backward that followed it (updated by :meth:`count_backward`).
@@ -255,7 +261,7 @@ class ODEBlock(nn.Module):
         gradient: str = "adjoint",
         options: dict | None = None,
         adjoint_options: dict | None = None,
-        replay: str = "step",
+        replay: str | None = None,
     ) -> None:
         super().__init__()
         if not (isinstance(T, (int, float)) and math.isfinite(T) and T > 0):
@@ -267,6 +273,10 @@ class ODEBlock(nn.Module):
             raise ValueError(f"gradient must be one of {', '.join(map(repr, GRADIENTS))}, got {gradient!r}")
         if gradient == "checkpoint":
             check_method(method, options)
+        if replay is not None and gradient != "checkpoint":
+            raise ValueError(f"replay applies to gradient='checkpoint' only, got replay={replay!r} "
+                             f"with gradient={gradient!r}")
+        replay = replay or "step"
         if replay not in REPLAYS:
             raise ValueError(f"replay must be one of {', '.join(map(repr, REPLAYS))}, got {replay!r}")
         self.func, self.T, self.method = func, float(T), method

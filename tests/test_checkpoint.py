@@ -220,6 +220,26 @@ def test_functional_entry_on_a_linear_ode():
         assert rel_err(g, w) < 1e-7
 
 
+def test_a_parameter_listed_twice_counts_once():
+    a = (0.5 * torch.randn(3, 3, dtype=torch.float64)).requires_grad_()
+    y0 = torch.randn(3, dtype=torch.float64)
+    grads = []
+    for params in ([a], [a, a]):
+        out = checkpointed_odeint(lambda t, y: a @ y, y0, 1.0, params=params, rtol=1e-8, atol=1e-8)
+        grads.append(torch.autograd.grad(out.sum(), a)[0])
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_the_result_is_its_own_tensor():
+    """Not a view of the solver's buffer: in-place use works as with backprop."""
+    func = _ode_func().double()
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    out = ODEBlock(func, gradient="checkpoint", rtol=1e-2, atol=1e-2)(x)
+    assert out._base is None
+    out.relu_().sum().backward()
+    assert x.grad is not None
+
+
 def test_errors_name_the_argument():
     func = _ode_func()
     with pytest.raises(ValueError, match="gradient must be one of 'checkpoint', 'adjoint', 'backprop'"):
@@ -232,6 +252,11 @@ def test_errors_name_the_argument():
         build("dcn-ode", gradient="none")
     with pytest.raises(ValueError, match="replay must be one of 'step', 'stage'"):
         ODEBlock(func, gradient="checkpoint", replay="evaluation")
+    with pytest.raises(ValueError, match="replay applies to gradient='checkpoint' only"):
+        ODEBlock(func, gradient="backprop", replay="stage")
+    for T in (-0.7, 0.0, float("inf"), float("nan"), torch.tensor(1.0), True):
+        with pytest.raises(ValueError, match="T must be a finite number > 0"):
+            checkpointed_odeint(lambda t, y: -y, torch.ones(2), T, params=[], rtol=1e-3, atol=1e-3)
     assert GRADIENTS == ("checkpoint", "adjoint", "backprop")
     assert "dopri5" in CHECKPOINT_METHODS and "rk4" not in CHECKPOINT_METHODS
 
