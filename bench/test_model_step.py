@@ -26,7 +26,8 @@ from published import published_dcn_ode
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH = 128 if DEVICE.type == "cuda" else 8
 
-GRADIENTS = ("adjoint", "backprop", "checkpoint")
+#: gradient modes, the checkpointed one with either replay ("checkpoint-stage": one evaluation's graph)
+GRADIENTS = ("adjoint", "backprop", "checkpoint", "checkpoint-stage")
 CASES = [("published-dcn-ode", "adjoint", "auto"), ("published-dcn-ode", "backprop", "auto")]
 CASES += [("dcn-ode", gradient, "auto") for gradient in GRADIENTS]
 CASES += [("dcn-ode", gradient, "triton") for gradient in GRADIENTS] if DEVICE.type == "cuda" else []
@@ -83,11 +84,13 @@ class _Release:
                          ids=[f"{n}-{g}{'' if b == 'auto' else '-' + b}" for n, g, b in CASES])
 def test_sgd_step(benchmark, batch, name, gradient, backend):
     x, y = batch
+    mode, _, replay = gradient.partition("-")
+    solver = dict(gradient=mode, replay=replay or None)
     if name == "published-dcn-ode":
-        model = published_dcn_ode(gradient=gradient)
+        model = published_dcn_ode(**solver)
     else:
         torch.manual_seed(0)
-        model = build(name, gradient=gradient, backend=backend)
+        model = build(name, backend=backend, **solver)
     model.to(DEVICE)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
