@@ -1,5 +1,6 @@
 """Triton kernels of ``dcn_fast::srf_conv2d`` (groups = 1), layered
-kernel → host function → ``autograd.Function``.
+kernel → host function → the op's ``triton`` algorithm (``dcn_fast.ops``: its
+fake kernel and autograd formula serve every algorithm).
 
 The 2-D basis is separable, ``B_f(a, c) = b_l(a)·b_m(c)``, so every kernel
 works with 1-D passes (K taps each, not K²):
@@ -32,14 +33,16 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from dcn_fast import ops
 from dcn_fast.basis import pair_index
 
-__all__ = ["srf_conv2d_triton", "supports"]
+__all__ = ["forward", "backward", "supports"]
 
 #: Output channels handled by one program in the backward (all of them).
 MAX_OUT_CHANNELS = 256
@@ -463,27 +466,24 @@ def backward(grad_out, input, taps, alpha, order, stride, padding, needs):
     return grad_input, grad_taps, grad_alpha
 
 
-class _SRFConv2dTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, taps, alpha, bias, order, stride, padding):
-        ctx.save_for_backward(input, taps, alpha)
-        ctx.geometry = (order, stride, padding)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return forward(input, taps, alpha, bias, order, stride, padding)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        input, taps, alpha = ctx.saved_tensors
-        order, stride, padding = ctx.geometry
-        grads = backward(grad_out, input, taps, alpha, order, stride, padding, ctx.needs_input_grad[:3])
-        grad_bias = grad_out.float().sum((0, 2, 3)).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
-        return (*grads, grad_bias, None, None, None)
-
-
-def srf_conv2d_triton(input, taps, alpha, order, stride, padding, groups, bias=None):
-    """Triton SRF convolution (the contract of :func:`dcn_fast.separable.separable_srf_conv2d`, plus a fused bias)."""
+def _op_forward(input, taps, alpha, bias, stride, padding, groups):
     reason = supports(input.shape, input.dtype, alpha.shape, groups)
     if reason is not None:
         raise ValueError(f"the triton backend does not take this call: {reason}")
-    return _SRFConv2dTriton.apply(input, taps, alpha, bias, order, tuple(stride), tuple(padding))
+    return forward(input, taps[0, 0], alpha, bias, taps.shape[2] - 1, stride, padding)
+
+
+def _op_backward(grad_out, input, taps, alpha, stride, padding, groups, mask):
+    grad_input, grad_taps, grad_alpha = backward(grad_out, input, taps[0, 0], alpha, taps.shape[2] - 1, stride,
+                                                 padding, mask)
+    return grad_input, None if grad_taps is None else grad_taps[None, None], grad_alpha
+
+
+# The op's CUDA kernel (dcn_fast.ops) runs these for algorithm="triton"; on the CPU only under Triton's interpreter.
+ops.register_algorithm(
+    "triton",
+    ops.Algorithm(
+        _op_forward, _op_backward, any_taps=False,
+        devices=("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",),
+    ),
+)
