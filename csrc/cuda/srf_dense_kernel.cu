@@ -4,8 +4,9 @@
 // then cuDNN through at::convolution (csrc/srf_dense.h).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../srf_dense.h"
@@ -65,7 +66,7 @@ at::Tensor dense_filter_cuda(const at::Tensor& taps, const at::Tensor& alpha) {
   const int64_t pairs = s.c_out * s.c_in_g;
   if (pairs == 0) return filter;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, taps.scalar_type(), "srf_dense_filter_cuda", [&] {
-    dense_filter_kernel<scalar_t><<<blocks_for(pairs), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    dense_filter_kernel<scalar_t><<<blocks_for(pairs), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         taps.const_data_ptr<scalar_t>(), alpha.const_data_ptr<scalar_t>(), filter.mutable_data_ptr<scalar_t>(), s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -90,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> dense_filter_backward_cuda(const at::Tensor& 
       partial = at::zeros({s.c_out, s.taps_in, s.order + 1, s.k},
                           taps.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     if (pairs > 0) {
-      dense_filter_backward_kernel<scalar_t><<<blocks_for(pairs), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      dense_filter_backward_kernel<scalar_t><<<blocks_for(pairs), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           grad_filter.const_data_ptr<scalar_t>(), taps.const_data_ptr<scalar_t>(), alpha.const_data_ptr<scalar_t>(),
           need_alpha ? grad_alpha.mutable_data_ptr<scalar_t>() : nullptr,
           need_taps ? partial.mutable_data_ptr<acc_t>() : nullptr, s);
