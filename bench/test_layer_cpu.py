@@ -16,15 +16,15 @@ from dcn_fast import ops, srf_conv2d
 from dcn_fast.shapes import BENCH_SIGMAS, DCN_BLOCK_LAYERS
 
 BATCH = 32
-BACKENDS = ("reference", "separable", "cpu")
+BACKENDS = ("reference", "separable", "cpu", "dense")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sigma", BENCH_SIGMAS, ids=lambda s: f"sigma{s:g}")
 @pytest.mark.parametrize("layer", DCN_BLOCK_LAYERS, ids=lambda layer: layer.name)
 def test_layer_forward_backward(benchmark, layer, sigma, backend):
-    if backend == "cpu" and not ops.cpu_kernel_available():
-        pytest.skip("C++ CPU kernel unavailable (no compiler)")
+    if backend in ("cpu", "dense") and not ops.cpu_kernel_available():
+        pytest.skip("C++ CPU kernels unavailable (no compiler)")
     torch.manual_seed(0)
     x = torch.randn(BATCH, layer.in_channels, layer.size, layer.size, requires_grad=True)
     scale = torch.tensor([math.log2(sigma)], requires_grad=True)

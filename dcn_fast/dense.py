@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .basis import pair_index
 from .separable import dense_filters
 
 __all__ = ["dense_filter"]
@@ -54,16 +55,36 @@ def _backward(grad_output, input, taps, alpha, stride, padding, groups, mask):
         return torch.ops.dcn_fast.srf_dense_conv2d_backward(
             grad_output, input, taps, alpha, stride, padding, groups, list(mask)
         )
-    with torch.enable_grad():  # the PyTorch filter's own autograd carries the filter gradient back
-        leaves = [taps.detach().requires_grad_(need_taps), alpha.detach().requires_grad_(need_alpha)]
-        filter = dense_filters(*leaves, taps.shape[2] - 1)
-        grad_input, grad_filter, _ = torch.ops.aten.convolution_backward(
-            grad_output, input, filter.detach(), None, stride, padding, [1, 1], False, [0, 0], groups,
-            [need_input, need_taps or need_alpha, False],
-        )
-        wanted = [leaf for leaf in leaves if leaf.requires_grad]
-        grads = iter(torch.autograd.grad(filter, wanted, grad_filter) if wanted else ())
-    return grad_input, next(grads) if need_taps else None, next(grads) if need_alpha else None
+    grad_input, grad_filter, _ = torch.ops.aten.convolution_backward(
+        grad_output, input, dense_filter(taps, alpha), None, stride, padding, [1, 1], False, [0, 0], groups,
+        [need_input, need_taps or need_alpha, False],
+    )
+    if not (need_taps or need_alpha):
+        return grad_input, None, None
+    return (grad_input, *_filter_backward_torch(grad_filter, taps, alpha, need_taps, need_alpha))
+
+
+def _filter_backward_torch(grad_filter, taps, alpha, need_taps, need_alpha):
+    """(grad_taps, grad_alpha) of :func:`dense_filters` with PyTorch ops (the kernels' fallback; the op runs
+    below autograd, so the filter's own autograd is not available here)."""
+    order = taps.shape[2] - 1
+    rows, cols = pair_index(order, taps.device)
+    c_out, c_in_g = alpha.shape[2], alpha.shape[1]
+    basis_rows, basis_cols = taps[..., rows, :], taps[..., cols, :]  # [T_o, T_i, F, K]
+    grad_alpha = grad_taps = None
+    if need_alpha:
+        basis = (basis_rows[..., :, None] * basis_cols[..., None, :]).expand(c_out, c_in_g, *basis_rows.shape[2:],
+                                                                             taps.shape[3])
+        grad_alpha = torch.einsum("oiac,oifac->fio", grad_filter, basis)
+    if need_taps:
+        # Per pair and basis function: α[f, i, o] · gW[o, i], summed over the pairs that share a tap set.
+        grad_basis = torch.einsum("fio,oiac->oifac", alpha, grad_filter)
+        grad_basis = grad_basis.sum(0, keepdim=True) if taps.shape[0] == 1 else grad_basis
+        grad_basis = grad_basis.sum(1, keepdim=True) if taps.shape[1] == 1 else grad_basis
+        grad_rows = torch.einsum("...fac,...fc->...fa", grad_basis, basis_cols)
+        grad_cols = torch.einsum("...fac,...fa->...fc", grad_basis, basis_rows)
+        grad_taps = torch.zeros_like(taps).index_add_(2, rows, grad_rows).index_add_(2, cols, grad_cols)
+    return grad_taps, grad_alpha
 
 
 ops.register_algorithm("dense", ops.Algorithm(_forward, _backward, devices=("cpu", "cuda"), any_taps=True))

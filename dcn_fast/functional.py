@@ -15,7 +15,7 @@ from . import dense, ops, separable  # noqa: F401  (dense and separable register
 from .basis import MAX_RADIUS, num_basis, srf_taps
 from .reference import srf_conv2d_reference
 
-__all__ = ["srf_conv2d", "srf_taps_for", "BACKENDS", "check_options", "resolve_backend", "truncation_radius"]
+__all__ = ["srf_conv2d", "srf_taps_for", "BACKENDS", "MIN_SCALE", "check_options", "resolve_backend", "truncation_radius"]
 
 BACKENDS = ("auto", "reference", "cpu", "dense", "separable", "triton")
 
@@ -42,12 +42,24 @@ def truncation_radius(scale: torch.Tensor, truncate: float) -> int:
     return int(_radius_tensor(scale, truncate).item())
 
 
+#: Smallest scale (log2 σ) accepted. Below about -5.3 (σ < 0.026) every tap past
+#: the centre is exp(-1/(2σ²)) = 0 even in float64: the filter is a discrete delta
+#: and a smaller scale changes nothing, while the σ gradient's powers of 1/σ
+#: overflow float32 (NaN outputs and gradients from about -24 at order 4).
+MIN_SCALE = -8.0
+
+
 def checked_radius(scale: torch.Tensor, truncate: float, kernel_size: int | None) -> int:
-    """Tap radius for ``scale``, after checking it is finite and within the cap: one host read."""
+    """Tap radius for ``scale``, after checking it is finite and within [MIN_SCALE, cap]: one host read."""
     s = scale.detach()
     low, high, radius = torch.stack([s.min(), s.max(), _radius_tensor(s, truncate).to(s.dtype)]).tolist()
     if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError("scale (log2 σ) must be finite, got NaN or inf")
+    if low < MIN_SCALE:
+        raise ValueError(
+            f"scale too small: scale = {low:.4g} (σ = 2^scale); the allowed range is scale >= {MIN_SCALE:g} "
+            "(below about -5.3 the taps are already a discrete delta, and the σ gradient overflows)"
+        )
     if kernel_size is not None:
         return kernel_size // 2
     if radius > MAX_RADIUS:

@@ -280,6 +280,8 @@ _FALLBACK = {
 def _kernels_available(target: str) -> bool:
     """Build (once) and load the ``target`` kernels; False, after one RuntimeWarning naming the cause, if impossible."""
     state = _state[target]
+    if "ok" in state:  # decided: no lock (and traceable by torch.compile)
+        return bool(state["ok"])
     with _lock:
         if "ok" not in state:
             try:

@@ -57,6 +57,15 @@ def _passes(x, weights, stride, padding):
     return xp_t, along_h, responses
 
 
+def _pass_shapes(shape, order1, n_basis, k, stride, padding):
+    """Shapes of what :func:`_passes` returns (as empty meta tensors, only ``.shape`` is read)."""
+    batch, channels, height, width = shape
+    hp, wp = height + 2 * padding[0], width + 2 * padding[1]
+    ho, wo = (hp - k) // stride[0] + 1, (wp - k) // stride[1] + 1
+    meta = lambda *size: torch.empty(size, device="meta")  # noqa: E731
+    return meta(batch, channels, wp, hp), meta(batch, channels * order1, ho, wp), meta(batch, channels * n_basis, ho, wo)
+
+
 def _forward(input, taps, alpha, bias, stride, padding, groups):
     taps = taps[0, 0]
     weights = _Weights(taps, alpha, taps.shape[0] - 1, input.shape[1], groups)
@@ -72,7 +81,10 @@ def _backward(grad_out, input, taps, alpha, stride, padding, groups, mask):
     channels = input.shape[1]
     weights = _Weights(taps, alpha, order1 - 1, channels, groups)
     ph, pw = padding
-    xp_t, along_h, responses = _passes(input, weights, stride, padding)
+    if need_alpha or need_taps:
+        xp_t, along_h, responses = _passes(input, weights, stride, padding)
+    else:  # the input gradient needs the passes' shapes only (input may be a shape-only placeholder)
+        xp_t, along_h, responses = _pass_shapes(input.shape, order1, alpha.shape[0], k, stride, padding)
 
     if need_alpha:
         grad_mix = conv2d_weight(responses, weights.mix.shape, grad_out, groups=groups)
