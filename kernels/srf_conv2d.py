@@ -320,8 +320,10 @@ def backward_config(c_out: int, f_pad: int) -> dict:
 
 
 def _precision() -> str:
-    """TF32 for float32 GEMMs exactly when PyTorch allows it for matmuls (default: off)."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """TF32 for the float32 ``tl.dot`` exactly when PyTorch allows it for convolutions
+    (``torch.backends.cudnn.allow_tf32``, default on: what ``nn.Conv2d`` and the
+    ``dense`` backend's cuDNN call follow), IEEE float32 otherwise."""
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
 
 
 @functools.lru_cache(maxsize=None)

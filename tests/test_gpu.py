@@ -8,7 +8,10 @@ from dcn_fast import srf_conv2d
 from dcn_fast.functional import srf_taps_for
 from dcn_fast.models import build
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (verified by bench/gpu_check.sh)")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (verified by bench/gpu_check.sh)"),
+    pytest.mark.usefixtures("ieee_float32"),
+]
 
 DEV = torch.device("cuda")
 
@@ -151,15 +154,6 @@ def test_triton_layer_kernel_launches():
 # --- dense (the CUDA filter kernels + cuDNN); twins of tests/test_srf_conv2d.py and tests/test_ops.py ---
 
 
-@pytest.fixture
-def no_tf32():
-    """IEEE float32 convolutions, so float32 results can be held to 1e-5."""
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = previous
-
-
 def test_cuda_dense_kernels_build_here():
     """The GPU machine has nvcc: dense must run its CUDA kernels, not the PyTorch fallback filter."""
     from dcn_fast import build, ops
@@ -169,7 +163,7 @@ def test_cuda_dense_kernels_build_here():
     assert ops.cuda_kernel_available(), ops.kernel_error("cuda")
 
 
-@pytest.mark.usefixtures("no_tf32", "poison_empty")
+@pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_dense_on_cuda_matches_float64_reference(dtype, tol):
     from samples import sample_inputs

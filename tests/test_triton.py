@@ -19,6 +19,8 @@ from dcn_fast.functional import srf_taps_for  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+pytestmark = pytest.mark.usefixtures("ieee_float32")
+
 # (batch, c_in, c_out, height, width, order, scale, stride, padding)
 CASES = [
     (2, 3, 5, 7, 9, 2, 0.0, 1, "same"),
@@ -42,7 +44,7 @@ def test_forward_and_gradients_match_float64_reference(case):
     want = srf_conv2d(*wide, backend="reference", **kwargs)
     assert out.shape == want.shape and out.dtype == torch.float32
 
-    assert rel_err(out, want) < 1e-4  # float32 GEMMs in IEEE precision (TF32 only when torch allows it)
+    assert rel_err(out, want) < 1e-4  # float32 dots in IEEE precision (TF32 off: ieee_float32)
     grad = torch.randn_like(want)
     got = torch.autograd.grad(out, (x, s, a), grad.float())
     expected = torch.autograd.grad(want, wide, grad)
@@ -230,3 +232,18 @@ def test_per_channel_sigma_is_refused():
     x = torch.randn(1, 2, 6, 6, device=DEVICE)
     with pytest.raises(ValueError, match="backend='triton' takes one σ per layer"):
         srf_conv2d(x, torch.zeros(3, device=DEVICE), torch.randn(6, 2, 3, device=DEVICE), backend="triton")
+
+
+def test_float32_dots_follow_the_cudnn_tf32_flag():
+    """tl.dot runs in TF32 exactly when cuDNN convolutions may (torch.backends.cudnn.allow_tf32, default on);
+    the matmul flag does not matter. Tensor cores in the PTX: tests/test_triton_compile.py."""
+    from dcn_fast.kernels.srf_conv2d import _precision
+
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+        assert _precision() == "tf32"
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, True
+        assert _precision() == "ieee"
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
