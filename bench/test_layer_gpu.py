@@ -71,7 +71,8 @@ def test_layer_gpu(benchmark, layer, sigma, kind, passes):
     if kind not in ("cudnn3x3", "cudnnKxK"):
         want = srf_conv2d(x.detach().double(), scale.double(), alpha.double(), backend="reference")
         got = module(x)
-        assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-3
+        # float32 with TF32 (cuDNN and the Triton dots follow torch.backends.cudnn.allow_tf32, default on)
+        assert float((got.double() - want).abs().max() / want.abs().max()) < 5e-3
 
     def forward():
         with torch.no_grad():
