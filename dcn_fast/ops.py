@@ -140,13 +140,18 @@ def _check_shapes(input, taps, alpha, groups) -> None:
     )
 
 
-@torch.library.register_fake("dcn_fast::srf_conv2d", lib=_LIB)
-def _(input, taps, alpha, bias, stride, padding, groups, algorithm):
+def _fake_output(input, taps, alpha, stride, padding, groups):
+    """The output of a call with ``taps [T_o, T_i, N+1, K]``, as an empty tensor (fake kernels)."""
     _check_shapes(input, taps, alpha, groups)
     k = taps.shape[3]
     ho = output_size(input.shape[2], k, stride[0], padding[0])
     wo = output_size(input.shape[3], k, stride[1], padding[1])
     return input.new_empty((input.shape[0], alpha.shape[2], ho, wo))
+
+
+@torch.library.register_fake("dcn_fast::srf_conv2d", lib=_LIB)
+def _(input, taps, alpha, bias, stride, padding, groups, algorithm):
+    return _fake_output(input, taps, alpha, stride, padding, groups)
 
 
 def _fake_grads(tensors, output_mask):
@@ -221,11 +226,7 @@ torch.library.register_autograd(
 
 @torch.library.register_fake("dcn_fast::srf_tiled_conv2d", lib=_LIB)
 def _(input, taps, alpha, stride, padding, groups):
-    _check_shapes(input, taps[None, None], alpha, groups)
-    k = taps.shape[1]
-    ho = output_size(input.shape[2], k, stride[0], padding[0])
-    wo = output_size(input.shape[3], k, stride[1], padding[1])
-    return input.new_empty((input.shape[0], alpha.shape[2], ho, wo))
+    return _fake_output(input, taps[None, None], alpha, stride, padding, groups)
 
 
 @torch.library.register_fake("dcn_fast::srf_tiled_conv2d_backward", lib=_LIB)
@@ -247,11 +248,7 @@ def _(grad_filter, taps, alpha, output_mask):
 
 @torch.library.register_fake("dcn_fast::srf_dense_conv2d", lib=_LIB)
 def _(input, taps, alpha, bias, stride, padding, groups):
-    _check_shapes(input, taps, alpha, groups)
-    k = taps.shape[3]
-    ho = output_size(input.shape[2], k, stride[0], padding[0])
-    wo = output_size(input.shape[3], k, stride[1], padding[1])
-    return input.new_empty((input.shape[0], alpha.shape[2], ho, wo))
+    return _fake_output(input, taps, alpha, stride, padding, groups)
 
 
 @torch.library.register_fake("dcn_fast::srf_dense_conv2d_backward", lib=_LIB)
