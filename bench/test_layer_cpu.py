@@ -37,11 +37,13 @@ def test_layer_forward_backward(benchmark, layer, sigma, backend):
 
     # Checked against float64: the scale gradient is one sum over every pixel and
     # can nearly cancel (|grad| ~ 1 where it is usually ~ 100), where float32
-    # results, the reference's included, differ from the truth by up to ~1e-3.
+    # results differ from the truth by up to ~1e-3 — the dense ones (reference
+    # and dense: a K×K filter gradient summed over every pixel first) by up to
+    # ~2e-3 (65to64@15x15, σ = 0.5, batch 32: reference 1.4e-3, dense 2.2e-3).
     if backend != "reference":
         wide = [t.detach().double().requires_grad_() for t in (x, scale, alpha)]
         expected = torch.autograd.grad(srf_conv2d(*wide, backend="reference"), wide, grad.double())
-        for name, got, want, tol in zip(("input", "scale", "alpha"), step(), expected, (1e-4, 1e-3, 1e-4)):
+        for name, got, want, tol in zip(("input", "scale", "alpha"), step(), expected, (1e-4, 3e-3, 1e-4)):
             error = float((got.double() - want).abs().max() / want.abs().max())
             assert error < tol, f"{backend}: gradient of {name} off by {error:.2e} (relative)"
 
