@@ -1,4 +1,4 @@
-"""dcn_fast installs as pure Python: the C++ CPU kernel (csrc/) is compiled on
+"""dcn_fast installs as pure Python: the C++/CUDA kernels (csrc/) are compiled on
 first use by torch.utils.cpp_extension against the torch that is installed,
 so there is no build step, no build isolation trouble and no ABI mismatch."""
 
@@ -19,7 +19,7 @@ setup(
     # The C++ sources ship inside the package so an installed wheel can build them
     # too; the Triton kernels (kernels/) import as dcn_fast.kernels.
     package_dir={"dcn_fast.csrc": "csrc", "dcn_fast.kernels": "kernels"},
-    package_data={"dcn_fast.csrc": ["*.cpp", "cpu/*.cpp"], "dcn_fast.data": ["cifar10-sample.tar.xz"]},
+    package_data={"dcn_fast.csrc": ["*.h", "cpu/*.cpp", "cuda/*.cu"], "dcn_fast.data": ["cifar10-sample.tar.xz"]},
     install_requires=["torch>=2.6,<3", "torchdiffeq>=0.2.3", "ninja", "numpy", "pillow", "tqdm"],
     extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
     entry_points={"console_scripts": ["dcn-fast = dcn_fast.cli:main"]},

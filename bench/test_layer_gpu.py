@@ -4,10 +4,11 @@
 
 Cases: the published layer (``published.PublishedSRFLayer``: filters rebuilt
 from ~60 small ops and σ read back every call), ``SRFConv2d`` with the
-``separable`` and ``triton`` backends (taps rebuilt every call in one launch, σ
-read back only after it changed), ``triton+graph`` (the same layer, forward
-and backward captured by ``torch.cuda.make_graphed_callables``: kernel time
-without launch overhead), and cuDNN with fixed weights (3x3 and the same KxK);
+``separable``, ``triton`` and ``dense`` backends (taps rebuilt every call in
+one launch, σ read back only after it changed; ``dense``: the filter in one
+launch, then cuDNN), ``triton+graph`` and ``dense+graph`` (the same layer,
+forward and backward captured by ``torch.cuda.make_graphed_callables``: kernel
+time without launch overhead), and cuDNN with fixed weights (3x3 and the same KxK);
 forward, backward and both. Timing is synchronised (pytest-benchmark around
 ``torch.cuda.synchronize``); peak memory goes to ``extra_info``. Every SRF
 case is first checked against the float64 reference.
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 BATCH = 128
 SIGMAS = (0.5, 1.0, 2.0, 4.0)
-KINDS = ("published", "separable", "triton", "triton+graph", "cudnn3x3", "cudnnKxK")
+KINDS = ("published", "separable", "triton", "triton+graph", "dense", "dense+graph", "cudnn3x3", "cudnnKxK")
 PASSES = ("forward", "backward", "both")
 
 
@@ -38,7 +39,7 @@ def _layer(kind, layer, scale, alpha, radius):
     dev = alpha.device
     if kind == "published":
         return PublishedSRFLayer(alpha, scale)
-    if kind in ("separable", "triton", "triton+graph"):
+    if kind.split("+")[0] in ("separable", "triton", "dense"):
         srf = SRFConv2d(layer.in_channels, layer.out_channels, backend=kind.split("+")[0], device=dev)
         with torch.no_grad():
             srf.alpha.copy_(alpha)
@@ -53,7 +54,7 @@ def _layer(kind, layer, scale, alpha, radius):
 @pytest.mark.parametrize("sigma", SIGMAS, ids=lambda s: f"sigma{s:g}")
 @pytest.mark.parametrize("layer", DCN_BLOCK_LAYERS, ids=lambda layer: layer.name)
 def test_layer_gpu(benchmark, layer, sigma, kind, passes):
-    if passes == "forward" and kind == "triton+graph":
+    if passes == "forward" and kind.endswith("+graph"):
         pytest.skip("a graphed callable replays forward and backward as captured, with autograd on")
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -63,14 +64,15 @@ def test_layer_gpu(benchmark, layer, sigma, kind, passes):
     radius = truncation_radius(scale, 2.0)
     grad = torch.randn(BATCH, layer.out_channels, layer.size, layer.size, device=dev)
     module = _layer(kind, layer, scale, alpha, radius)
-    if kind == "triton+graph":
+    if kind.endswith("+graph"):
         module = torch.cuda.make_graphed_callables(module, (x,))
     inputs = (x, *[p for p in module.parameters() if p.requires_grad])
 
     if kind not in ("cudnn3x3", "cudnnKxK"):
         want = srf_conv2d(x.detach().double(), scale.double(), alpha.double(), backend="reference")
         got = module(x)
-        assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-3
+        # float32 with TF32 (cuDNN and the Triton dots follow torch.backends.cudnn.allow_tf32, default on)
+        assert float((got.double() - want).abs().max() / want.abs().max()) < 5e-3
 
     def forward():
         with torch.no_grad():

@@ -11,15 +11,14 @@ from typing import Union
 
 import torch
 
-from . import ops
+from . import dense, ops, separable  # noqa: F401  (dense and separable register their algorithms)
 from .basis import MAX_RADIUS, num_basis, srf_taps
 from .geometry import resolve_padding
 from .reference import srf_conv2d_reference
-from .separable import dense_srf_conv2d, separable_srf_conv2d
 
-__all__ = ["srf_conv2d", "srf_taps_for", "BACKENDS", "check_options", "resolve_backend", "truncation_radius"]
+__all__ = ["srf_conv2d", "srf_taps_for", "BACKENDS", "MIN_SCALE", "check_options", "resolve_backend", "truncation_radius"]
 
-BACKENDS = ("auto", "reference", "separable", "cpu", "triton")
+BACKENDS = ("auto", "reference", "cpu", "dense", "separable", "triton")
 
 IntPair = Union[int, tuple[int, int]]
 Padding = Union[str, int, tuple[int, int]]
@@ -44,12 +43,24 @@ def truncation_radius(scale: torch.Tensor, truncate: float) -> int:
     return int(_radius_tensor(scale, truncate).item())
 
 
+#: Smallest scale (log2 σ) accepted. Below about -5.3 (σ < 0.026) every tap past
+#: the centre is exp(-1/(2σ²)) = 0 even in float64: the filter is a discrete delta
+#: and a smaller scale changes nothing, while the σ gradient's powers of 1/σ
+#: overflow float32 (NaN outputs and gradients from about -24 at order 4).
+MIN_SCALE = -8.0
+
+
 def checked_radius(scale: torch.Tensor, truncate: float, kernel_size: int | None) -> int:
-    """Tap radius for ``scale``, after checking it is finite and within the cap: one host read."""
+    """Tap radius for ``scale``, after checking it is finite and within [MIN_SCALE, cap]: one host read."""
     s = scale.detach()
     low, high, radius = torch.stack([s.min(), s.max(), _radius_tensor(s, truncate).to(s.dtype)]).tolist()
     if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError("scale (log2 σ) must be finite, got NaN or inf")
+    if low < MIN_SCALE:
+        raise ValueError(
+            f"scale too small: scale = {low:.4g} (σ = 2^scale); the allowed range is scale >= {MIN_SCALE:g} "
+            "(below about -5.3 the taps are already a discrete delta, and the σ gradient overflows)"
+        )
     if kernel_size is not None:
         return kernel_size // 2
     if radius > MAX_RADIUS:
@@ -181,7 +192,7 @@ def _validate(input, scale, alpha, order, truncate, stride, padding, groups, bia
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    """Whether the Triton kernels import (Triton installed and working)."""
+    """Whether the Triton kernels import (Triton installed and working); importing registers the algorithm."""
     try:
         from .kernels import srf_conv2d  # noqa: F401
     except ImportError:
@@ -189,58 +200,90 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(
-    backend: str, input: torch.Tensor, dtype: torch.dtype | None = None, alpha: torch.Tensor | None = None,
-    groups: int = 1,
-) -> str:
-    """The backend that runs for ``backend`` on ``input``'s device.
+#: ``auto`` on CUDA runs ``dense`` up to this kernel size (provisional, see :func:`resolve_backend`).
+AUTO_DENSE_MAX_KERNEL = 11
 
-    ``auto``, as measured (README, Benchmarks): float32/float64 CPU tensors →
-    ``cpu`` (the C++ kernel, when it builds), other CPU dtypes → ``separable``;
-    CUDA → ``triton`` where the kernels take the call (groups = 1, at most 256
-    output channels, float32/bf16/fp16, Triton installed: on an H100 it beat
-    ``separable`` at every DCN block shape, σ and pass), else ``separable``.
-    An explicit ``cpu`` without the built kernel falls back to ``separable``
-    with one warning.
+
+def resolve_backend(
+    backend: str,
+    input: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    alpha: torch.Tensor | None = None,
+    groups: int = 1,
+    sharing: str = "layer",
+    kernel: int | None = None,
+) -> str:
+    """The algorithm that runs for ``backend`` on ``input``'s device.
+
+    ``auto``: one σ per output channel or per pair → ``dense`` (the one
+    algorithm that takes them). One σ per layer, as measured (README,
+    Benchmarks): float32/float64 CPU tensors → ``cpu`` (the C++ kernel, when it
+    builds), other CPU dtypes → ``separable``; CUDA → ``dense`` for kernels of
+    at most :data:`AUTO_DENSE_MAX_KERNEL` taps when its CUDA kernels are built
+    (a provisional rule: cuDNN with fixed K×K weights beat the fused Triton
+    layer at σ ≤ 2 on an H100; ``dense`` itself awaits GPU measurements), else
+    ``triton`` where its kernels take the call (groups = 1, at most 256 output
+    channels, float32/bf16/fp16, Triton installed), else ``separable``.
+
+    An explicit backend that cannot serve the call raises ValueError (it is
+    never silently replaced).
+
+    Args:
+        sharing: ``"layer"``, ``"channel"`` or ``"pair"`` (how σ is shared).
+        kernel: the kernel size K of the call, when known.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-    if backend == "cpu" and input.device.type != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors, got input on {input.device}")
-    # The C++ kernel computes in float32 and float64; lower precisions (autocast,
-    # bf16 models) take the separable path, whose convolutions support them.
+    device = input.device.type
     dtype = dtype or input.dtype
+    # The C++ tiled kernel computes in float32 and float64; lower precisions (autocast,
+    # bf16 models) take other algorithms, whose convolutions support them.
     full_precision = dtype in (torch.float32, torch.float64)
     if backend == "auto":
-        if input.device.type == "cpu":
+        if sharing != "layer":
+            return "dense"
+        if device == "cpu":
             return "cpu" if full_precision and ops.cpu_kernel_available() else "separable"
-        if input.device.type == "cuda" and triton_available():
-            from .kernels.srf_conv2d import supports
+        if device == "cuda":
+            if kernel is not None and kernel <= AUTO_DENSE_MAX_KERNEL and ops.cuda_kernel_available():
+                return "dense"
+            if triton_available():
+                from .kernels.srf_conv2d import supports
 
-            alpha_shape = alpha.shape if alpha is not None else (1, input.shape[1], 1)
-            if supports(input.shape, dtype, alpha_shape, groups) is None:
-                return "triton"
+                alpha_shape = alpha.shape if alpha is not None else (1, input.shape[1], 1)
+                if supports(input.shape, dtype, alpha_shape, groups) is None:
+                    return "triton"
         return "separable"
+    if sharing != "layer" and backend in ("cpu", "separable", "triton"):
+        raise ValueError(
+            f"backend={backend!r} takes one σ per layer; one σ per output channel or per pair runs on "
+            "backend='dense' (or 'auto', or 'reference')"
+        )
+    if backend == "cpu":
+        if device != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got input on {input.device}")
+        if not full_precision:
+            raise ValueError(f"backend='cpu' computes in float32 or float64, got {dtype}")
+        if not ops.cpu_kernel_available():
+            raise ValueError(
+                f"backend='cpu' needs the C++ kernel, which could not be built ({ops.kernel_error('cpu')}); "
+                "use backend='auto' or 'separable'"
+            )
     if backend == "triton":
-        if input.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for Triton's CPU interpreter), "
                 f"got input on {input.device}"
             )
-        return backend
-    if backend == "cpu" and not full_precision:
-        raise ValueError(f"backend='cpu' computes in float32 or float64, got {dtype}")
-    if backend == "cpu" and not ops.cpu_kernel_available(warn=True):
-        return "separable"
+        _import_triton()
     return backend
 
 
-def _triton_backend(input, taps, alpha, order, stride, padding, groups, bias):
+def _import_triton() -> None:
     try:
-        from .kernels.srf_conv2d import srf_conv2d_triton
+        from .kernels import srf_conv2d  # noqa: F401  (registers the algorithm)
     except ImportError as exc:  # triton missing or broken
         raise ValueError(f"backend='triton' needs Triton ({type(exc).__name__}: {exc})") from exc
-    return srf_conv2d_triton(input, taps, alpha, order, stride, padding, groups, bias)
 
 
 def srf_conv2d(
@@ -278,7 +321,11 @@ def srf_conv2d(
         groups: as in ``nn.Conv2d``; must divide C_in and C_out.
         bias: optional ``[C_out]``.
         kernel_size: fixed odd K instead of the σ-dependent one (no truncation).
-        backend: ``"auto"``, ``"reference"``, ``"separable"``, ``"cpu"`` or ``"triton"``.
+        backend: the algorithm: ``"auto"`` (see :func:`resolve_backend`),
+            ``"reference"`` (the published construction), ``"cpu"`` (C++, tiled
+            separable passes; CPU), ``"dense"`` (dense filter + oneDNN/cuDNN;
+            any σ sharing), ``"separable"`` (PyTorch convolutions) or
+            ``"triton"`` (CUDA). One that cannot serve the call raises ValueError.
         taps: optional taps from :func:`srf_taps_for` for this ``scale`` (and
             the same order, truncate, kernel_size), to reuse them across calls
             (the ``reference`` backend rebuilds its filter regardless).
@@ -294,7 +341,7 @@ def srf_conv2d(
     """
     spec = _validate(input, scale, alpha, order, truncate, stride, padding, groups, bias, kernel_size, taps)
     dtype = torch.promote_types(input.dtype, alpha.dtype)
-    name = resolve_backend(backend, input, dtype, alpha, groups)
+    name = resolve_backend(backend, input, dtype, alpha, groups, spec.sharing, 2 * spec.radius + 1)
     if name == "reference":
         # "same" stays symbolic: the reference pads by its own filter's radius, which is
         # smaller than spec's when taps were laid out at a bound (σ(t) layers).
@@ -305,26 +352,18 @@ def srf_conv2d(
     input, alpha = input.to(dtype), alpha.to(dtype)
     if taps is None:
         taps = srf_taps(scale.to(dtype), order, spec.radius, truncate if kernel_size is None else None)
-    taps = taps.to(dtype)
-    # The passes run in the promoted dtype of the inputs: autocast would recast
-    # their grouped 1-D convolutions, which oneDNN cannot run in bf16. The Triton
-    # kernels read the input in the autocast dtype (as cuDNN would), keep taps
-    # and α in float32, accumulate in float32 and return the autocast dtype.
+    # [T_o, T_i, N+1, K]: one tap set per layer, per output channel or per pair.
+    taps = taps.to(dtype).reshape(*(alpha.shape[2], -1) if spec.sharing != "layer" else (1, 1), *taps.shape[-2:])
+    # The op runs in the promoted dtype of the inputs: autocast would recast the
+    # separable algorithm's grouped 1-D convolutions, which oneDNN cannot run in
+    # bf16. The Triton kernels read the input in the autocast dtype (as cuDNN
+    # would), keep taps and α in float32, accumulate in float32 and return the
+    # autocast dtype.
     device = input.device.type
     autocast = torch.is_autocast_enabled(device)
     if autocast and name == "triton" and input.dtype == torch.float32:
         input = input.to(torch.get_autocast_dtype(device))
-    no_autocast = torch.autocast(device, enabled=False) if autocast else nullcontext()
-    with no_autocast:
-        if spec.sharing != "layer":
-            taps = taps.reshape(alpha.shape[2], -1, *taps.shape[-2:])
-            out = dense_srf_conv2d(input, taps, alpha, order, spec.stride, spec.padding, groups)
-        else:
-            taps = taps.reshape(taps.shape[-2:])
-            if name == "triton":  # adds the bias in its kernel
-                return _triton_backend(input, taps, alpha, order, spec.stride, spec.padding, groups, bias)
-            run = {"cpu": ops.srf_conv2d, "separable": separable_srf_conv2d}[name]
-            out = run(input, taps, alpha, order, spec.stride, spec.padding, groups)
     if bias is not None:
-        out = out + bias.to(out.dtype).reshape(1, -1, 1, 1)
-    return out
+        bias = bias.to(dtype)
+    with torch.autocast(device, enabled=False) if autocast else nullcontext():
+        return ops.srf_conv2d(input, taps, alpha, bias, spec.stride, spec.padding, groups, name)

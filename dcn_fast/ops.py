@@ -1,151 +1,360 @@
-"""The ``dcn_fast::srf_conv2d`` custom op: loading, fake kernel, autograd.
+"""The ``dcn_fast`` ops: schemas, fake kernels, autograd; every algorithm beneath one op.
 
-The schema and the CPU kernel live in C++ (``csrc/srf_conv2d.cpp``,
-``csrc/cpu/srf_conv2d_kernel.cpp``). They are compiled on first use with
-``torch.utils.cpp_extension.load`` and cached by PyTorch (under
-``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), so the package
-installs without a build step and always matches the installed torch. When
-no compiler is available the op is absent and callers fall back to the
-``separable`` backend, with one warning.
+``dcn_fast::srf_conv2d(input, taps, alpha, bias, stride, padding, groups, algorithm)``
+is the one op every backend of :func:`dcn_fast.srf_conv2d` runs through: one
+fake kernel (``torch.compile``, meta tensors), one autograd formula and one
+backward op, ``srf_conv2d_backward``, whose own backward raises (double
+backward is not supported by any algorithm). Its CPU and CUDA kernels look
+``algorithm`` up among the implementations registered with
+:func:`register_algorithm`:
+
+=============  =========  ======================================  ==================
+algorithm      devices    implementation                          taps
+=============  =========  ======================================  ==================
+``cpu``        CPU        C++, ``csrc/cpu/srf_conv2d_kernel.cpp``  one set (layer σ)
+``dense``      CPU, CUDA  ``dcn_fast/dense.py`` → C++/CUDA         any σ sharing
+``separable``  CPU, CUDA  ``dcn_fast/separable.py`` (PyTorch)      one set
+``triton``     CUDA       ``kernels/srf_conv2d.py``                one set
+=============  =========  ======================================  ==================
+
+``taps`` is ``[T_o, T_i, N+1, K]``: ``T_o = T_i = 1`` for one σ per layer,
+``[C_out, 1, ...]`` per output channel, ``[C_out, C_in/groups, ...]`` per pair.
+
+The compiled building blocks (``srf_tiled_conv2d``, ``srf_dense_filter``,
+``srf_dense_conv2d`` and their backwards) are also defined here, so that their
+fake kernels exist before (or without) a build; their kernels come from
+``csrc/``, compiled on first use by :mod:`dcn_fast.build`. When no compiler is
+available the ``cpu`` algorithm is absent (``auto`` picks another, an explicit
+``backend="cpu"`` raises) and ``dense`` builds its filter with PyTorch ops,
+each with one warning.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import platform
 import threading
 import warnings
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 from .geometry import output_size
 
-__all__ = ["cpu_kernel_available", "srf_conv2d", "source_dir"]
+__all__ = [
+    "Algorithm",
+    "register_algorithm",
+    "algorithm_for",
+    "cpu_kernel_available",
+    "cuda_kernel_available",
+    "srf_conv2d",
+]
+
+_LIB = torch.library.Library("dcn_fast", "FRAGMENT")
+
+_LIB.define(
+    "srf_conv2d(Tensor input, Tensor taps, Tensor alpha, Tensor? bias, int[2] stride, int[2] padding, int groups, "
+    "str algorithm) -> Tensor"
+)
+# Gradients of (input, taps, alpha); an entry whose mask is false is None.
+_LIB.define(
+    "srf_conv2d_backward(Tensor grad_output, Tensor input, Tensor taps, Tensor alpha, int[2] stride, int[2] padding, "
+    "int groups, str algorithm, bool[3] output_mask) -> (Tensor, Tensor, Tensor)"
+)
+# Compiled building blocks (csrc/): the tiled CPU kernel takes taps [N+1, K].
+_LIB.define("srf_tiled_conv2d(Tensor input, Tensor taps, Tensor alpha, int[2] stride, int[2] padding, int groups) -> Tensor")
+_LIB.define(
+    "srf_tiled_conv2d_backward(Tensor grad_output, Tensor input, Tensor taps, Tensor alpha, int[2] stride, "
+    "int[2] padding, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)"
+)
+_LIB.define("srf_dense_filter(Tensor taps, Tensor alpha) -> Tensor")
+_LIB.define(
+    "srf_dense_filter_backward(Tensor grad_filter, Tensor taps, Tensor alpha, bool[2] output_mask) -> (Tensor, Tensor)"
+)
+_LIB.define(
+    "srf_dense_conv2d(Tensor input, Tensor taps, Tensor alpha, Tensor? bias, int[2] stride, int[2] padding, "
+    "int groups) -> Tensor"
+)
+_LIB.define(
+    "srf_dense_conv2d_backward(Tensor grad_output, Tensor input, Tensor taps, Tensor alpha, int[2] stride, "
+    "int[2] padding, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)"
+)
+
+
+# --- algorithms -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One implementation of ``dcn_fast::srf_conv2d``.
+
+    ``forward(input, taps, alpha, bias, stride, padding, groups) -> out`` and
+    ``backward(grad_out, input, taps, alpha, stride, padding, groups, mask) ->
+    (grad_input, grad_taps, grad_alpha)`` (None where ``mask`` is false) take
+    ``taps [T_o, T_i, N+1, K]``, stride and padding as tuples, and return
+    contiguous tensors of the input's dtype.
+    """
+
+    forward: Callable[..., torch.Tensor]
+    backward: Callable[..., tuple]
+    devices: tuple[str, ...]
+    any_taps: bool  # False: one tap set only (T_o = T_i = 1)
+
+
+_ALGORITHMS: dict[str, Algorithm] = {}
+
+
+def register_algorithm(name: str, algorithm: Algorithm) -> None:
+    """Make ``name`` a value of the op's ``algorithm`` argument."""
+    _ALGORITHMS[name] = algorithm
+
+
+def algorithm_for(name: str, device: torch.device, shared_taps: bool) -> Algorithm:
+    """The registered ``name``; ValueError if it does not take a call on ``device`` with these taps."""
+    if name not in _ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {', '.join(map(repr, sorted(_ALGORITHMS)))}, got {name!r}")
+    algorithm = _ALGORITHMS[name]
+    if device.type not in algorithm.devices:
+        raise ValueError(f"the {name!r} algorithm runs on {' and '.join(algorithm.devices)}, not {device.type}")
+    if not (shared_taps or algorithm.any_taps):
+        raise ValueError(
+            f"the {name!r} algorithm takes one σ per layer; one σ per output channel or per pair runs on 'dense'"
+        )
+    return algorithm
+
+
+def _check_shapes(input, taps, alpha, groups) -> None:
+    torch._check(input.dim() == 4, lambda: f"srf_conv2d: input must be 4-D, got {input.dim()}-D")
+    torch._check(taps.dim() == 4, lambda: f"srf_conv2d: taps must be [T_o, T_i, N+1, K], got {tuple(taps.shape)}")
+    torch._check(
+        alpha.dim() == 3 and alpha.shape[1] * groups == input.shape[1],
+        lambda: f"srf_conv2d: alpha must be [F, C_in/groups, C_out], got {tuple(alpha.shape)}",
+    )
+    order1 = taps.shape[2]
+    torch._check(
+        alpha.shape[0] == order1 * (order1 + 1) // 2,
+        lambda: f"srf_conv2d: alpha.size(0) must be F = {order1 * (order1 + 1) // 2} for {order1} tap rows",
+    )
+
+
+def _fake_output(input, taps, alpha, stride, padding, groups):
+    """The output of a call with ``taps [T_o, T_i, N+1, K]``, as an empty tensor (fake kernels)."""
+    _check_shapes(input, taps, alpha, groups)
+    k = taps.shape[3]
+    ho = output_size(input.shape[2], k, stride[0], padding[0])
+    wo = output_size(input.shape[3], k, stride[1], padding[1])
+    return input.new_empty((input.shape[0], alpha.shape[2], ho, wo))
+
+
+@torch.library.register_fake("dcn_fast::srf_conv2d", lib=_LIB)
+def _(input, taps, alpha, bias, stride, padding, groups, algorithm):
+    return _fake_output(input, taps, alpha, stride, padding, groups)
+
+
+def _fake_grads(tensors, output_mask):
+    return tuple(t.new_empty(t.shape) if need else None for t, need in zip(tensors, output_mask))
+
+
+@torch.library.register_fake("dcn_fast::srf_conv2d_backward", lib=_LIB)
+def _(grad_output, input, taps, alpha, stride, padding, groups, algorithm, output_mask):
+    return _fake_grads((input, taps, alpha), output_mask)
+
+
+def _srf_conv2d_kernel(input, taps, alpha, bias, stride, padding, groups, algorithm):
+    _check_shapes(input, taps, alpha, groups)
+    shared = taps.shape[0] == taps.shape[1] == 1
+    run = algorithm_for(algorithm, input.device, shared).forward
+    return run(input, taps, alpha, bias, tuple(stride), tuple(padding), groups)
+
+
+def _srf_conv2d_backward_kernel(grad_output, input, taps, alpha, stride, padding, groups, algorithm, output_mask):
+    shared = taps.shape[0] == taps.shape[1] == 1
+    run = algorithm_for(algorithm, input.device, shared).backward
+    return run(grad_output, input, taps, alpha, tuple(stride), tuple(padding), groups, tuple(output_mask))
+
+
+for _device in ("cpu", "cuda"):
+    torch.library.register_kernel("dcn_fast::srf_conv2d", _device, _srf_conv2d_kernel, lib=_LIB)
+    torch.library.register_kernel("dcn_fast::srf_conv2d_backward", _device, _srf_conv2d_backward_kernel, lib=_LIB)
+
+
+def _setup_context(ctx, inputs, output):
+    input, taps, alpha, bias, stride, padding, groups, algorithm = inputs
+    need_input, need_taps, need_alpha = ctx.needs_input_grad[:3]
+    # The input itself is only needed for the taps and alpha gradients.
+    ctx.save_for_backward(input if (need_taps or need_alpha) else None, taps, alpha)
+    ctx.input_meta = input.new_empty((1, 1, 1, 1)).expand(input.shape)
+    ctx.arguments = (stride, padding, groups, algorithm)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad_output):
+    input, taps, alpha = ctx.saved_tensors
+    if input is None:
+        input = ctx.input_meta  # shape only: never read when its gradients are not asked for
+    stride, padding, groups, algorithm = ctx.arguments
+    mask = list(ctx.needs_input_grad[:3])
+    grads = torch.ops.dcn_fast.srf_conv2d_backward(
+        grad_output.contiguous(), input, taps, alpha, stride, padding, groups, algorithm, mask
+    )
+    grad_bias = grad_output.sum((0, 2, 3)).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
+    return (*grads, grad_bias, None, None, None, None)
+
+
+torch.library.register_autograd("dcn_fast::srf_conv2d", _backward, setup_context=_setup_context, lib=_LIB)
+
+DOUBLE_BACKWARD_ERROR = (
+    "dcn_fast.srf_conv2d: double backward (a gradient of a gradient, e.g. create_graph=True) is not supported "
+    "by the fast backends; use backend='reference', whose plain autograd supports it"
+)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+torch.library.register_autograd(
+    "dcn_fast::srf_conv2d_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None, lib=_LIB
+)
+
+
+# --- fake kernels of the compiled building blocks ---------------------------
+
+
+@torch.library.register_fake("dcn_fast::srf_tiled_conv2d", lib=_LIB)
+def _(input, taps, alpha, stride, padding, groups):
+    return _fake_output(input, taps[None, None], alpha, stride, padding, groups)
+
+
+@torch.library.register_fake("dcn_fast::srf_tiled_conv2d_backward", lib=_LIB)
+def _(grad_output, input, taps, alpha, stride, padding, groups, output_mask):
+    return _fake_grads((input, taps, alpha), output_mask)
+
+
+@torch.library.register_fake("dcn_fast::srf_dense_filter", lib=_LIB)
+def _(taps, alpha):
+    torch._check(taps.dim() == 4 and alpha.dim() == 3, lambda: "srf_dense_filter: taps [T_o, T_i, N+1, K], alpha 3-D")
+    k = taps.shape[3]
+    return taps.new_empty((alpha.shape[2], alpha.shape[1], k, k))
+
+
+@torch.library.register_fake("dcn_fast::srf_dense_filter_backward", lib=_LIB)
+def _(grad_filter, taps, alpha, output_mask):
+    return _fake_grads((taps, alpha), output_mask)
+
+
+@torch.library.register_fake("dcn_fast::srf_dense_conv2d", lib=_LIB)
+def _(input, taps, alpha, bias, stride, padding, groups):
+    return _fake_output(input, taps, alpha, stride, padding, groups)
+
+
+@torch.library.register_fake("dcn_fast::srf_dense_conv2d_backward", lib=_LIB)
+def _(grad_output, input, taps, alpha, stride, padding, groups, output_mask):
+    return _fake_grads((input, taps, alpha), output_mask)
+
+
+# --- building the compiled kernels ------------------------------------------
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}
+_state: dict[str, dict[str, object]] = {"cpu": {}, "cuda": {}}
 
 
-def source_dir() -> Path:
-    """Where the C++ sources are: inside the installed package, or the source tree."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "csrc", here.parent / "csrc"):
-        if (candidate / "srf_conv2d.cpp").is_file():
-            return candidate
-    raise FileNotFoundError(f"dcn_fast C++ sources not found next to {here}")
+def _build(target: str) -> None:
+    from . import build
+
+    build.build_cpu() if target == "cpu" else build.build_cuda()
 
 
-def _cpu_tag() -> str:
-    """Short hash of this CPU's instruction-set flags.
-
-    The kernel is compiled with ``-march=native``; naming the build after the
-    CPU keeps a shared cache from handing one machine's binary to another.
-    """
-    flags = platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            flags += next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+_FALLBACK = {
+    "cpu": "backend='auto' uses another algorithm, 'dense' builds its filter with PyTorch ops",
+    "cuda": "CUDA calls use 'triton' or 'separable' under backend='auto', 'dense' builds its filter with PyTorch ops",
+}
 
 
-def _build() -> None:
-    # cpp_extension logs a warning about CUDA_HOME on CPU-only machines when it
-    # is imported; the CPU kernel does not need CUDA, so keep that quiet.
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        from torch.utils.cpp_extension import load
-
-        src = source_dir()
-        load(
-            name=f"dcn_fast_cpu_{_cpu_tag()}",
-            sources=[str(src / "srf_conv2d.cpp"), str(src / "cpu" / "srf_conv2d_kernel.cpp")],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=os.environ.get("DCN_FAST_VERBOSE_BUILD") == "1",
-        )
-    finally:
-        logger.setLevel(level)
-    _register_python_side()
-
-
-def cpu_kernel_available(warn: bool = False) -> bool:
-    """Build (once) and load the C++ CPU kernel; False if that is impossible.
-
-    The first failure emits one ``RuntimeWarning`` naming the cause.
-    """
+def _kernels_available(target: str) -> bool:
+    """Build (once) and load the ``target`` kernels; False, after one RuntimeWarning naming the cause, if impossible."""
+    state = _state[target]
+    if "ok" in state:  # decided: no lock (and traceable by torch.compile)
+        return bool(state["ok"])
     with _lock:
-        if "ok" not in _state:
+        if "ok" not in state:
             try:
-                _build()
-                _state["ok"] = True
-            except Exception as exc:  # no compiler, no ninja, read-only cache...
-                _state["ok"] = False
-                _state["error"] = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+                _build(target)
+                state["ok"] = True
+            except Exception as exc:  # no compiler, no ninja, no nvcc, read-only cache...
+                state["ok"] = False
+                state["error"] = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
                 warnings.warn(
-                    "dcn_fast: the C++ CPU kernel could not be built "
-                    f"({_state['error']}); using the 'separable' backend instead.",
+                    f"dcn_fast: the C++/CUDA {target} kernels could not be built ({state['error']}); "
+                    f"{_FALLBACK[target]}. `python -m dcn_fast.build {target}` shows the build.",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
-    return bool(_state["ok"])
+    return bool(state["ok"])
 
 
-def _register_python_side() -> None:
-    @torch.library.register_fake("dcn_fast::srf_conv2d")
-    def _(input, taps, alpha, stride, padding, groups):
-        torch._check(input.dim() == 4, lambda: "input must be 4-D")
-        torch._check(taps.dim() == 2, lambda: "taps must be [order+1, K]")
-        torch._check(alpha.dim() == 3 and alpha.shape[1] * groups == input.shape[1], lambda: "alpha shape")
-        k = taps.shape[1]
-        ho = output_size(input.shape[2], k, stride[0], padding[0])
-        wo = output_size(input.shape[3], k, stride[1], padding[1])
-        return input.new_empty((input.shape[0], alpha.shape[2], ho, wo))
+def cpu_kernel_available() -> bool:
+    """Build (once) and load the C++ CPU kernels (tiled and dense); False if that is impossible."""
+    return _kernels_available("cpu")
 
-    @torch.library.register_fake("dcn_fast::srf_conv2d_backward")
-    def _(grad_output, input, taps, alpha, stride, padding, groups, output_mask):
-        return tuple(t.new_empty(t.shape) if need else None for t, need in zip((input, taps, alpha), output_mask))
 
-    def setup_context(ctx, inputs, output):
-        input, taps, alpha, stride, padding, groups = inputs
-        need_input, need_taps, need_alpha = ctx.needs_input_grad[:3]
-        # The input itself is only needed for the taps and alpha gradients.
-        ctx.save_for_backward(input if (need_taps or need_alpha) else None, taps, alpha)
-        ctx.input_meta = input.new_empty((1, 1, 1, 1)).expand(input.shape)
-        ctx.geometry = (stride, padding, groups)
+def cuda_kernel_available() -> bool:
+    """Build (once) and load the CUDA dense kernels; False if that is impossible (e.g. no nvcc).
 
-    def backward(ctx, grad_output):
-        input, taps, alpha = ctx.saved_tensors
-        if input is None:
-            input = ctx.input_meta  # shape only: never read when its gradients are not asked for
-        stride, padding, groups = ctx.geometry
-        mask = list(ctx.needs_input_grad[:3])
-        grads = torch.ops.dcn_fast.srf_conv2d_backward(
-            grad_output.contiguous(), input, taps, alpha, stride, padding, groups, mask
-        )
-        return (*grads, None, None, None)
+    They need the CPU build's sibling ops only through the schemas above, so
+    the two build independently.
+    """
+    return _kernels_available("cuda")
 
-    torch.library.register_autograd("dcn_fast::srf_conv2d", backward, setup_context=setup_context)
+
+def kernel_error(target: str) -> Optional[str]:
+    """Why the ``target`` build failed, if it did."""
+    return _state[target].get("error")  # type: ignore[return-value]
+
+
+# --- the cpu (tiled) algorithm ----------------------------------------------
+
+
+def require_kernels(target: str) -> None:
+    """Raise unless the ``target`` kernels are built (building them on the first call)."""
+    if not (_state[target].get("ok") or _kernels_available(target)):
+        raise RuntimeError(f"dcn_fast: the {target} kernels are not built: {kernel_error(target)}")
+
+
+def _tiled_forward(input, taps, alpha, bias, stride, padding, groups):
+    require_kernels("cpu")
+    out = torch.ops.dcn_fast.srf_tiled_conv2d(input, taps[0, 0], alpha, stride, padding, groups)
+    return out if bias is None else out + bias.to(out.dtype).reshape(1, -1, 1, 1)
+
+
+def _tiled_backward(grad_output, input, taps, alpha, stride, padding, groups, mask):
+    grad_input, grad_taps, grad_alpha = torch.ops.dcn_fast.srf_tiled_conv2d_backward(
+        grad_output, input, taps[0, 0], alpha, stride, padding, groups, list(mask)
+    )
+    return grad_input, None if grad_taps is None else grad_taps[None, None], grad_alpha
+
+
+register_algorithm("cpu", Algorithm(_tiled_forward, _tiled_backward, devices=("cpu",), any_taps=False))
 
 
 def srf_conv2d(
     input: torch.Tensor,
     taps: torch.Tensor,
     alpha: torch.Tensor,
-    order: int,
+    bias: torch.Tensor | None,
     stride: tuple[int, int],
     padding: tuple[int, int],
     groups: int,
+    algorithm: str,
 ) -> torch.Tensor:
-    """Run ``torch.ops.dcn_fast.srf_conv2d`` (same contract as
-    :func:`dcn_fast.separable.separable_srf_conv2d`; ``order`` is implied by ``taps``)."""
-    if taps.shape[0] != order + 1:
-        raise ValueError(f"taps must have order+1 = {order + 1} rows, got {taps.shape[0]}")
-    return torch.ops.dcn_fast.srf_conv2d(input, taps, alpha, list(stride), list(padding), groups)
+    """Run ``torch.ops.dcn_fast.srf_conv2d``.
+
+    Args:
+        input: ``[B, C_in, H, W]``.
+        taps: ``[T_o, T_i, N+1, K]`` (see the module docstring), input's dtype.
+        alpha: ``[F, C_in/groups, C_out]``, input's dtype.
+        bias: None or ``[C_out]``.
+        algorithm: a registered algorithm (``cpu``, ``dense``, ``separable``, ``triton``).
+    Returns:
+        ``[B, C_out, Ho, Wo]``, contiguous.
+    """
+    return torch.ops.dcn_fast.srf_conv2d(input, taps, alpha, bias, list(stride), list(padding), groups, algorithm)

@@ -4,10 +4,11 @@
 pass along H with b_0..b_N, one pass along W per basis pair, then one GEMM
 (a 1x1 convolution) with α (DESIGN.md §2), each a single grouped convolution.
 The backward recomputes the basis responses rather than saving them: the op
-keeps only ``input``, ``taps`` (derived from σ, ``[N+1, K]``) and ``alpha``.
-This is the portable fallback of the compiled backends; ``dense_srf_conv2d``
-here serves the scale layouts whose basis is not shared (one σ per output
-channel, σ^ji).
+keeps only ``input``, ``taps`` (derived from σ) and ``alpha``. This is the
+``separable`` algorithm of ``dcn_fast::srf_conv2d`` (one σ per layer), the
+portable one: it runs wherever PyTorch's convolutions do, in any dtype.
+:func:`dense_filters` builds dense filters with PyTorch ops (the ``dense``
+algorithm's fallback and the modules' filter export).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
+from . import ops
 from .basis import basis_from_taps, pair_index
 
-__all__ = ["separable_srf_conv2d", "dense_srf_conv2d", "dense_filters"]
+__all__ = ["dense_filters"]
 
 
 class _Weights:
@@ -55,74 +57,62 @@ def _passes(x, weights, stride, padding):
     return xp_t, along_h, responses
 
 
-class _SeparableSRFConv2d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, taps, alpha, order, stride, padding, groups):
-        weights = _Weights(taps, alpha, order, input.shape[1], groups)
-        _, _, responses = _passes(input, weights, stride, padding)
-        ctx.save_for_backward(input, taps, alpha)
-        ctx.geometry = (order, stride, padding, groups)
-        return F.conv2d(responses, weights.mix, groups=groups)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        input, taps, alpha = ctx.saved_tensors
-        order, stride, (ph, pw), groups = ctx.geometry
-        need_input, need_taps, need_alpha = ctx.needs_input_grad[:3]
-        grad_input = grad_taps = grad_alpha = None
-        channels = input.shape[1]
-        weights = _Weights(taps, alpha, order, channels, groups)
-        xp_t, along_h, responses = _passes(input, weights, stride, padding=(ph, pw))
-
-        if need_alpha:
-            grad_mix = conv2d_weight(responses, weights.mix.shape, grad_out, groups=groups)
-            grad_alpha = grad_mix.reshape(alpha.shape[2], alpha.shape[1], alpha.shape[0]).permute(2, 1, 0)
-        if not (need_input or need_taps):
-            return grad_input, grad_taps, grad_alpha, None, None, None, None
-
-        grad_resp = conv2d_input(responses.shape, weights.mix, grad_out, groups=groups)
-        grad_along_h = conv2d_input(along_h.shape, weights.along_w, grad_resp, stride=(1, stride[1]), groups=channels)
-        grad_along_h_t = grad_along_h.transpose(-1, -2).contiguous()
-        if need_taps:
-            order1, k = taps.shape
-            grad_pick = conv2d_weight(
-                along_h, weights.along_w.shape, grad_resp, stride=(1, stride[1]), groups=channels
-            ).reshape(channels, -1, order1, k).sum(0)
-            grad_h = conv2d_weight(
-                xp_t, weights.along_h.shape, grad_along_h_t, stride=(1, stride[0]), groups=channels
-            ).reshape(channels, order1, k).sum(0)
-            n_basis = weights.rows.numel()
-            grad_w = grad_pick[torch.arange(n_basis, device=taps.device), weights.rows]
-            grad_taps = grad_h.index_add(0, weights.cols, grad_w)
-        if need_input:
-            grad_xp_t = conv2d_input(
-                xp_t.shape, weights.along_h, grad_along_h_t, stride=(1, stride[0]), groups=channels
-            )
-            wp, hp = xp_t.shape[-2:]
-            grad_input = grad_xp_t.transpose(-1, -2)[:, :, ph : hp - ph, pw : wp - pw].contiguous()
-        return grad_input, grad_taps, grad_alpha, None, None, None, None
+def _pass_shapes(shape, order1, n_basis, k, stride, padding):
+    """Shapes of what :func:`_passes` returns (as empty meta tensors, only ``.shape`` is read)."""
+    batch, channels, height, width = shape
+    hp, wp = height + 2 * padding[0], width + 2 * padding[1]
+    ho, wo = (hp - k) // stride[0] + 1, (wp - k) // stride[1] + 1
+    meta = lambda *size: torch.empty(size, device="meta")  # noqa: E731
+    return meta(batch, channels, wp, hp), meta(batch, channels * order1, ho, wp), meta(batch, channels * n_basis, ho, wo)
 
 
-def separable_srf_conv2d(
-    input: torch.Tensor,
-    taps: torch.Tensor,
-    alpha: torch.Tensor,
-    order: int,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    groups: int,
-) -> torch.Tensor:
-    """Separable SRF convolution with one shared basis.
+def _forward(input, taps, alpha, bias, stride, padding, groups):
+    taps = taps[0, 0]
+    weights = _Weights(taps, alpha, taps.shape[0] - 1, input.shape[1], groups)
+    _, _, responses = _passes(input, weights, stride, padding)
+    return F.conv2d(responses, weights.mix, bias, groups=groups)
 
-    Args:
-        input: ``[B, C_in, H, W]``.
-        taps: 1-D taps ``[order+1, K]`` (see :func:`dcn_fast.basis.srf_taps`).
-        alpha: ``[F, C_in/groups, C_out]``.
-    Returns:
-        ``[B, C_out, Ho, Wo]``, cross-correlation with zero padding ``padding``.
-    """
-    return _SeparableSRFConv2d.apply(input, taps, alpha, order, stride, padding, groups)
+
+def _backward(grad_out, input, taps, alpha, stride, padding, groups, mask):
+    need_input, need_taps, need_alpha = mask
+    grad_input = grad_taps = grad_alpha = None
+    taps = taps[0, 0]
+    order1, k = taps.shape
+    channels = input.shape[1]
+    weights = _Weights(taps, alpha, order1 - 1, channels, groups)
+    ph, pw = padding
+    if need_alpha or need_taps:
+        xp_t, along_h, responses = _passes(input, weights, stride, padding)
+    else:  # the input gradient needs the passes' shapes only (input may be a shape-only placeholder)
+        xp_t, along_h, responses = _pass_shapes(input.shape, order1, alpha.shape[0], k, stride, padding)
+
+    if need_alpha:
+        grad_mix = conv2d_weight(responses, weights.mix.shape, grad_out, groups=groups)
+        grad_alpha = grad_mix.reshape(alpha.shape[2], alpha.shape[1], alpha.shape[0]).permute(2, 1, 0).contiguous()
+    if not (need_input or need_taps):
+        return grad_input, grad_taps, grad_alpha
+
+    grad_resp = conv2d_input(responses.shape, weights.mix, grad_out, groups=groups)
+    grad_along_h = conv2d_input(along_h.shape, weights.along_w, grad_resp, stride=(1, stride[1]), groups=channels)
+    grad_along_h_t = grad_along_h.transpose(-1, -2).contiguous()
+    if need_taps:
+        grad_pick = conv2d_weight(
+            along_h, weights.along_w.shape, grad_resp, stride=(1, stride[1]), groups=channels
+        ).reshape(channels, -1, order1, k).sum(0)
+        grad_h = conv2d_weight(
+            xp_t, weights.along_h.shape, grad_along_h_t, stride=(1, stride[0]), groups=channels
+        ).reshape(channels, order1, k).sum(0)
+        n_basis = weights.rows.numel()
+        grad_w = grad_pick[torch.arange(n_basis, device=taps.device), weights.rows]
+        grad_taps = grad_h.index_add(0, weights.cols, grad_w)[None, None]
+    if need_input:
+        grad_xp_t = conv2d_input(xp_t.shape, weights.along_h, grad_along_h_t, stride=(1, stride[0]), groups=channels)
+        wp, hp = xp_t.shape[-2:]
+        grad_input = grad_xp_t.transpose(-1, -2)[:, :, ph : hp - ph, pw : wp - pw].contiguous()
+    return grad_input, grad_taps, grad_alpha
+
+
+ops.register_algorithm("separable", ops.Algorithm(_forward, _backward, devices=("cpu", "cuda"), any_taps=False))
 
 
 def dense_filters(taps: torch.Tensor, alpha: torch.Tensor, order: int) -> torch.Tensor:
@@ -136,21 +126,3 @@ def dense_filters(taps: torch.Tensor, alpha: torch.Tensor, order: int) -> torch.
     basis = basis_from_taps(taps, order)  # [C_out, 1|C_in_g, F, K, K]
     basis = basis.expand(alpha.shape[2], alpha.shape[1], *basis.shape[2:])
     return torch.einsum("fio,oifhw->oihw", alpha, basis)
-
-
-def dense_srf_conv2d(
-    input: torch.Tensor,
-    taps: torch.Tensor,
-    alpha: torch.Tensor,
-    order: int,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    groups: int,
-) -> torch.Tensor:
-    """SRF convolution through the dense filter, for taps that differ per channel.
-
-    ``taps`` is ``[C_out, 1 or C_in/groups, order+1, K]``; the filter is built
-    by :func:`dense_filters` and convolved densely. Gradients of x and α come
-    from ``conv2d``/``einsum``, the σ gradient from the analytic tap gradient.
-    """
-    return F.conv2d(input, dense_filters(taps, alpha, order), stride=stride, padding=padding, groups=groups)

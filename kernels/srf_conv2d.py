@@ -1,5 +1,6 @@
 """Triton kernels of ``dcn_fast::srf_conv2d`` (groups = 1), layered
-kernel → host function → ``autograd.Function``.
+kernel → host function → the op's ``triton`` algorithm (``dcn_fast.ops``: its
+fake kernel and autograd formula serve every algorithm).
 
 The 2-D basis is separable, ``B_f(a, c) = b_l(a)·b_m(c)``, so every kernel
 works with 1-D passes (K taps each, not K²):
@@ -32,15 +33,17 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from dcn_fast import ops
 from dcn_fast.basis import pair_index
 from dcn_fast.geometry import output_size
 
-__all__ = ["srf_conv2d_triton", "supports"]
+__all__ = ["forward", "backward", "supports"]
 
 #: Output channels handled by one program in the backward (all of them).
 MAX_OUT_CHANNELS = 256
@@ -318,8 +321,10 @@ def backward_config(c_out: int, f_pad: int) -> dict:
 
 
 def _precision() -> str:
-    """TF32 for float32 GEMMs exactly when PyTorch allows it for matmuls (default: off)."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """TF32 for the float32 ``tl.dot`` exactly when PyTorch allows it for convolutions
+    (``torch.backends.cudnn.allow_tf32``, default on: what ``nn.Conv2d`` and the
+    ``dense`` backend's cuDNN call follow), IEEE float32 otherwise."""
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
 
 
 @functools.lru_cache(maxsize=None)
@@ -464,27 +469,24 @@ def backward(grad_out, input, taps, alpha, order, stride, padding, needs):
     return grad_input, grad_taps, grad_alpha
 
 
-class _SRFConv2dTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, taps, alpha, bias, order, stride, padding):
-        ctx.save_for_backward(input, taps, alpha)
-        ctx.geometry = (order, stride, padding)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return forward(input, taps, alpha, bias, order, stride, padding)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        input, taps, alpha = ctx.saved_tensors
-        order, stride, padding = ctx.geometry
-        grads = backward(grad_out, input, taps, alpha, order, stride, padding, ctx.needs_input_grad[:3])
-        grad_bias = grad_out.float().sum((0, 2, 3)).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
-        return (*grads, grad_bias, None, None, None)
-
-
-def srf_conv2d_triton(input, taps, alpha, order, stride, padding, groups, bias=None):
-    """Triton SRF convolution (the contract of :func:`dcn_fast.separable.separable_srf_conv2d`, plus a fused bias)."""
+def _op_forward(input, taps, alpha, bias, stride, padding, groups):
     reason = supports(input.shape, input.dtype, alpha.shape, groups)
     if reason is not None:
         raise ValueError(f"the triton backend does not take this call: {reason}")
-    return _SRFConv2dTriton.apply(input, taps, alpha, bias, order, tuple(stride), tuple(padding))
+    return forward(input, taps[0, 0], alpha, bias, taps.shape[2] - 1, stride, padding)
+
+
+def _op_backward(grad_out, input, taps, alpha, stride, padding, groups, mask):
+    grad_input, grad_taps, grad_alpha = backward(grad_out, input, taps[0, 0], alpha, taps.shape[2] - 1, stride,
+                                                 padding, mask)
+    return grad_input, None if grad_taps is None else grad_taps[None, None], grad_alpha
+
+
+# The op's CUDA kernel (dcn_fast.ops) runs these for algorithm="triton"; on the CPU only under Triton's interpreter.
+ops.register_algorithm(
+    "triton",
+    ops.Algorithm(
+        _op_forward, _op_backward, any_taps=False,
+        devices=("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",),
+    ),
+)

@@ -31,3 +31,32 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.fixture
 def cpu_kernel():
     cpu_kernel_or_skip()
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """torch.empty*, empty_like, empty_strided and Tensor.new_empty return NaN-filled floating tensors,
+    so an output element a kernel never writes shows up as NaN."""
+
+    def poisoned(make):
+        def wrapper(*args, **kwargs):
+            out = make(*args, **kwargs)
+            if out.is_floating_point() or out.is_complex():
+                with torch.no_grad():
+                    out.fill_(float("nan"))
+            return out
+
+        return wrapper
+
+    for name in ("empty", "empty_like", "empty_strided"):
+        monkeypatch.setattr(torch, name, poisoned(getattr(torch, name)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned(torch.Tensor.new_empty))
+
+
+@pytest.fixture
+def ieee_float32():
+    """IEEE float32 convolutions and Triton dots (TF32 off), so float32 results can be held to 1e-4."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous

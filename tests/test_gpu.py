@@ -8,7 +8,10 @@ from dcn_fast import srf_conv2d
 from dcn_fast.functional import srf_taps_for
 from dcn_fast.models import build
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (verified by bench/gpu_check.sh)")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (verified by bench/gpu_check.sh)"),
+    pytest.mark.usefixtures("ieee_float32"),
+]
 
 DEV = torch.device("cuda")
 
@@ -146,3 +149,58 @@ def test_triton_layer_kernel_launches():
     out = layer(x)
     assert launches(lambda: layer(x)) == 3
     assert launches(lambda: torch.autograd.grad(out, (x, layer.scale, layer.alpha), grad)) <= 16
+
+
+# --- dense (the CUDA filter kernels + cuDNN); twins of tests/test_srf_conv2d.py and tests/test_ops.py ---
+
+
+def test_cuda_dense_kernels_build_here():
+    """The GPU machine has nvcc: dense must run its CUDA kernels, not the PyTorch fallback filter."""
+    from dcn_fast import build, ops
+
+    if build.find_cuda_home() is None:
+        pytest.skip("no CUDA toolkit on this GPU machine: dense builds its filter with PyTorch ops")
+    assert ops.cuda_kernel_available(), ops.kernel_error("cuda")
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_dense_on_cuda_matches_float64_reference(dtype, tol):
+    from samples import sample_inputs
+
+    for sample in sample_inputs(device=DEV, dtype=dtype, requires_grad=True):
+        cpu = [t.detach().cpu().double().requires_grad_() for t in sample.tensors]
+        x, s, a, *b = sample.tensors
+        got = srf_conv2d(x, s, a, bias=b[0] if b else None, backend="dense", **sample.kwargs)
+        want = srf_conv2d(*cpu[:3], bias=cpu[3] if b else None, backend="reference", **sample.kwargs)
+        grad = torch.randn(want.shape, dtype=torch.float64)
+        got_grads = torch.autograd.grad(got, sample.tensors, grad.to(DEV, dtype))
+        want_grads = torch.autograd.grad(want, cpu, grad)
+        if want.numel() == 0:
+            continue
+        assert rel_err(got.cpu(), want) < tol, sample.name
+        for g, e in zip(got_grads, want_grads):
+            assert rel_err(g.cpu(), e) < tol, sample.name
+
+
+def test_dense_on_cuda_backward_is_deterministic_and_double_backward_raises():
+    from samples import sample_inputs
+
+    (sample,) = sample_inputs(device=DEV, dtype=torch.float32, requires_grad=True, names=["per-channel"])
+    x, s, a, b = sample.tensors
+    runs = [torch.autograd.grad(srf_conv2d(x, s, a, bias=b, backend="dense", **sample.kwargs).square().sum(),
+                                sample.tensors) for _ in range(2)]
+    assert all(torch.equal(g1, g2) for g1, g2 in zip(*runs))
+    grads = torch.autograd.grad(srf_conv2d(x, s, a, bias=b, backend="dense", **sample.kwargs).square().sum(),
+                                sample.tensors, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+        torch.autograd.grad(sum(g.square().sum() for g in grads), (s, a))
+
+
+def test_dense_ops_opcheck_on_cuda():
+    from samples import sample_inputs
+    from test_ops import op_args
+
+    for sample in sample_inputs(device=DEV, names=["batch1-stride2-groups-bias", "per-pair"]):
+        for requires_grad in (False, True):
+            torch.library.opcheck(torch.ops.dcn_fast.srf_conv2d.default, op_args(sample, "dense", requires_grad))

@@ -1,4 +1,4 @@
-"""srf_conv2d: every backend against the published reference, gradients, the custom op."""
+"""srf_conv2d: every backend against the published reference (shared samples), gradients, backend choice."""
 
 import math
 import warnings
@@ -7,115 +7,99 @@ import pytest
 import torch
 
 from conftest import rel_err
+from samples import SAMPLE_NAMES, sample_inputs, serves
 
 from dcn_fast import ops
-from dcn_fast.basis import num_basis, srf_taps
+from dcn_fast.basis import num_basis
 from dcn_fast.functional import srf_conv2d
 
-FAST = ["separable", "cpu"]
+CPU_BACKENDS = ["cpu", "dense", "separable"]
 
-# (batch, c_in, c_out, height, width, order, scale, stride, padding, groups, bias)
-CASES = [
-    (2, 3, 4, 9, 11, 2, 0.0, 1, "same", 1, False),  # σ = 1, odd sizes
-    (1, 4, 6, 13, 12, 3, 0.6, 2, "valid", 2, True),  # batch 1, stride 2, groups, bias
-    (2, 2, 3, 7, 7, 0, -1.74, 1, 1, 1, False),  # order 0, σ ≈ 0.3, int padding
-    (2, 4, 4, 8, 9, 4, 0.7, (2, 1), "same", 4, True),  # order 4, depthwise, mixed stride
-    (1, 3, 2, 5, 6, 1, 2.585, 2, "same", 1, False),  # σ ≈ 6: kernel (27) larger than the map
-    (3, 5, 7, 10, 10, 2, 1.0, 2, (1, 2), 1, True),  # σ = 2, padding pair
-]
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
-def make(case, dtype, requires_grad=False):
-    batch, c_in, c_out, h, w, order, scale, stride, padding, groups, bias = case
-    x = torch.randn(batch, c_in, h, w, dtype=dtype)
-    s = torch.tensor([scale], dtype=dtype)
-    a = torch.randn(num_basis(order), c_in // groups, c_out, dtype=dtype)
-    b = torch.randn(c_out, dtype=dtype) if bias else None
-    tensors = [t.requires_grad_(requires_grad) if t is not None else None for t in (x, s, a, b)]
-    kwargs = dict(order=order, stride=stride, padding=padding, groups=groups)
-    return tensors, kwargs
-
-
-def run(backend, tensors, kwargs):
-    x, s, a, b = tensors
-    return srf_conv2d(x, s, a, bias=b, backend=backend, **kwargs)
-
-
-@pytest.fixture(params=FAST)
+@pytest.fixture(params=CPU_BACKENDS)
 def backend(request):
-    if request.param == "cpu":
+    if request.param in ("cpu", "dense"):
         from conftest import cpu_kernel_or_skip
 
         cpu_kernel_or_skip()
     return request.param
 
 
+def run(backend, sample, tensors=None):
+    x, s, a, *b = tensors if tensors is not None else sample.tensors
+    return srf_conv2d(x, s, a, bias=b[0] if b else None, backend=backend, **sample.kwargs)
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("case", CASES)
-def test_forward_and_gradients_match_reference(backend, case, dtype, tol):
-    tensors, kwargs = make(case, dtype, requires_grad=True)
-    expected = run("reference", tensors, kwargs)
-    actual = run(backend, tensors, kwargs)
-    assert actual.shape == expected.shape and actual.dtype == dtype
-    assert rel_err(actual, expected) < tol
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_forward_and_gradients_match_reference(backend, name, dtype, tol):
+    (sample,) = sample_inputs(dtype=dtype, requires_grad=True, names=[name])
+    if not serves(backend, sample):
+        pytest.skip(f"{backend} takes one σ per layer (tested to refuse per-channel σ below)")
+    expected = run("reference", sample)
+    actual = run(backend, sample)
+    assert actual.shape == expected.shape and actual.dtype == dtype and actual.is_contiguous()
     grad = torch.randn_like(expected)
-    inputs = [t for t in tensors if t is not None]
-    expected_grads = torch.autograd.grad(expected, inputs, grad)
-    actual_grads = torch.autograd.grad(actual, inputs, grad)
-    for name, g, e in zip("x scale alpha bias".split(), actual_grads, expected_grads):
-        assert rel_err(g, e) < tol, name
-
-
-def test_non_contiguous_input(backend):
-    x = torch.randn(2, 9, 11, 4, dtype=torch.float64).permute(0, 3, 1, 2)  # [2, 4, 9, 11], channels-last strides
-    assert not x.is_contiguous()
-    s = torch.tensor([0.3], dtype=torch.float64)
-    a = torch.randn(6, 4, 5, dtype=torch.float64)
-    expected = srf_conv2d(x.contiguous(), s, a, backend="reference")
-    assert rel_err(srf_conv2d(x, s, a, backend=backend), expected) < 1e-10
+    expected_grads = torch.autograd.grad(expected, sample.tensors, grad)
+    actual_grads = torch.autograd.grad(actual, sample.tensors, grad)
+    if expected.numel() == 0:  # batch 0: empty output, zero gradients of σ, α and bias
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in actual_grads)
+        return
+    assert rel_err(actual, expected) < tol
+    for label, g, e in zip("input scale alpha bias".split(), actual_grads, expected_grads):
+        assert g.shape == e.shape and rel_err(g, e) < tol, label
 
 
 def test_gradients_of_one_input_only(backend):
     """Each gradient alone (the autograd formula saves and computes only what is asked)."""
-    tensors, kwargs = make(CASES[1], torch.float64)
-    x, s, a, b = tensors
-    grad = None
-    for i in range(3):
-        inputs = [x.clone(), s.clone(), a.clone()]
-        inputs[i].requires_grad_()
-        out = srf_conv2d(*inputs, bias=b, backend=backend, **kwargs)
-        ref = srf_conv2d(*inputs, bias=b, backend="reference", **kwargs)
-        grad = torch.randn_like(out) if grad is None else grad
-        (g,) = torch.autograd.grad(out, inputs[i], grad)
-        (e,) = torch.autograd.grad(ref, inputs[i], grad)
-        assert rel_err(g, e) < 1e-10
+    for sample in sample_inputs(names=["batch1-stride2-groups-bias", "per-channel", "per-pair"]):
+        if not serves(backend, sample):
+            continue
+        grad = None
+        for i in range(3):
+            inputs = [t.clone() for t in sample.tensors[:3]]
+            inputs[i].requires_grad_()
+            out = run(backend, sample, inputs + sample.tensors[3:])
+            ref = run("reference", sample, inputs + sample.tensors[3:])
+            grad = torch.randn_like(out) if grad is None else grad
+            (g,) = torch.autograd.grad(out, inputs[i], grad)
+            (e,) = torch.autograd.grad(ref, inputs[i], grad)
+            assert rel_err(g, e) < 1e-10, (sample.name, i)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]])
-def test_gradcheck(backend, case):
-    batch, c_in, c_out, h, w, order, scale, stride, padding, groups, bias = case
+GRADCHECK_SAMPLES = ["sigma1-odd", "batch1-stride2-groups-bias", "order4-depthwise-mixed-stride", "non-contiguous",
+                     "per-channel", "per-pair-order1"]
+
+
+@pytest.mark.parametrize("name", GRADCHECK_SAMPLES)
+def test_gradcheck(backend, name):
+    """Every sample kind for dense (the new algorithm), two for the others (their reference test above is
+    exhaustive); fast mode (random projections of the Jacobian) keeps it within seconds."""
+    (sample,) = sample_inputs(requires_grad=True, names=[name])
+    if not serves(backend, sample) or (backend != "dense" and name not in GRADCHECK_SAMPLES[1:3]):
+        pytest.skip(f"{backend}: not gradchecked on {name}")
     # Small enough for numerical Jacobians, still odd sizes / stride / groups.
-    case = (1, c_in, min(c_out, 4), min(h, 10), min(w, 9), order, scale, stride, padding, groups, bias)
-    (x, s, a, b), kwargs = make(case, torch.float64, requires_grad=True)
-    inputs = (x, s, a) if b is None else (x, s, a, b)
-    fn = lambda *t: srf_conv2d(*t[:3], bias=t[3] if len(t) > 3 else None, backend=backend, **kwargs)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, inputs)
+    x = sample.input[:1, :, :10, :9].detach().requires_grad_()
+    tensors = [x, *sample.tensors[1:]]
+    assert torch.autograd.gradcheck(lambda *t: run(backend, sample, list(t)), tensors, fast_mode=True)
 
 
-@pytest.mark.parametrize("sharing", ["channel", "pair"])
-@pytest.mark.parametrize("backend_name", ["separable", "cpu"])
-def test_per_channel_and_sigma_ji(sharing, backend_name):
-    c_in, c_out, groups = 4, 6, 2
-    shape = (c_out,) if sharing == "channel" else (c_out, c_in // groups)
-    scale = torch.linspace(-1.5, 1.2, math.prod(shape), dtype=torch.float64).reshape(shape)
-    kernel_size = 7 if sharing == "pair" else None
-    x = torch.randn(2, c_in, 9, 8, dtype=torch.float64)
-    a = torch.randn(6, c_in // groups, c_out, dtype=torch.float64)
-    kwargs = dict(groups=groups, kernel_size=kernel_size, stride=2)
-    expected = srf_conv2d(x, scale, a, backend="reference", **kwargs)
-    assert rel_err(srf_conv2d(x, scale, a, backend=backend_name, **kwargs), expected) < 1e-10
-    inputs = (x[:1].clone().requires_grad_(), scale.clone().requires_grad_(), a.clone().requires_grad_())
-    assert torch.autograd.gradcheck(lambda *t: srf_conv2d(*t, backend=backend_name, **kwargs), inputs)
+@pytest.mark.parametrize("backend_name", ["cpu", "separable"])
+@pytest.mark.parametrize("name", ["per-channel", "per-pair"])
+def test_one_sigma_per_layer_backends_refuse_per_channel_sigma(backend_name, name):
+    (sample,) = sample_inputs(names=[name])
+    with pytest.raises(ValueError, match=f"backend='{backend_name}' takes one σ per layer.*backend='dense'"):
+        run(backend_name, sample)
+
+
+def test_auto_picks_dense_for_per_channel_sigma():
+    from dcn_fast.functional import resolve_backend
+
+    x = torch.zeros(1, 2, 8, 8)
+    assert resolve_backend("auto", x, sharing="channel") == "dense"
+    assert resolve_backend("auto", x, sharing="pair") == "dense"
 
 
 def test_reference_sigma_ji_normalises_each_pair():
@@ -131,80 +115,81 @@ def test_reference_sigma_ji_normalises_each_pair():
     assert rel_err(out, parts[0] + parts[1]) < 1e-12
 
 
-def test_batch_zero(backend):
-    x = torch.randn(0, 3, 8, 8)
-    out = srf_conv2d(x, torch.zeros(1), torch.randn(6, 3, 4), backend=backend)
-    assert out.shape == (0, 4, 8, 8)
-
-
 def test_auto_picks_cpu_kernel(cpu_kernel):
     from dcn_fast.functional import resolve_backend
 
     assert resolve_backend("auto", torch.zeros(1)) == "cpu"
 
 
-def test_cpu_falls_back_with_one_warning(monkeypatch):
-    def broken_build():
+def test_without_a_compiler(monkeypatch):
+    """No C++ build: one warning; auto uses separable, an explicit 'cpu' raises, 'dense' builds its filter
+    with PyTorch ops (same results)."""
+
+    def broken_build(target):
         raise OSError("no compiler")
 
-    monkeypatch.setattr(ops, "_state", {})
+    monkeypatch.setattr(ops, "_state", {"cpu": {}, "cuda": {}})
     monkeypatch.setattr(ops, "_build", broken_build)
-    x, s, a = torch.randn(1, 2, 6, 6, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), None
-    a = torch.randn(6, 2, 3, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="could not be built.*no compiler.*separable"):
-        out = srf_conv2d(x, s, a, backend="cpu")
+    (sample,) = sample_inputs(requires_grad=True, names=["per-channel"])
+    with pytest.warns(RuntimeWarning, match="cpu kernels could not be built.*no compiler"):
+        out = run("dense", sample)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        srf_conv2d(x, s, a, backend="cpu")  # warned once only
-        srf_conv2d(x, s, a)
-    assert rel_err(out, srf_conv2d(x, s, a, backend="reference")) < 1e-10
+        warnings.simplefilter("error")  # warned once only
+        (layer,) = sample_inputs(names=["sigma1-odd"])
+        assert rel_err(run("auto", layer), run("reference", layer)) < 1e-10
+        with pytest.raises(ValueError, match="backend='cpu' needs the C\\+\\+ kernel.*no compiler"):
+            run("cpu", layer)
+        expected = run("reference", sample)
+        assert rel_err(out, expected) < 1e-10
+        grad = torch.randn_like(out)
+        for got, want in zip(torch.autograd.grad(out, sample.tensors, grad),
+                             torch.autograd.grad(expected, sample.tensors, grad)):
+            assert rel_err(got, want) < 1e-10
+        small = [t[:1, :, :7, :6].detach().requires_grad_() if t is sample.input else t for t in sample.tensors]
+        assert torch.autograd.gradcheck(lambda *t: run("dense", sample, list(t)), small, fast_mode=True)
 
 
-# --- the custom op itself -------------------------------------------------
+@pytest.mark.parametrize("backend_name", ["reference", "cpu", "dense", "separable"])
+def test_double_backward_raises_one_clear_error(backend_name):
+    """Gradients of gradients: the reference computes them; every fast backend raises (it used to return
+    zero gradients for α and σ on the default CPU backend)."""
+    (sample,) = sample_inputs(requires_grad=True, names=["sigma1-odd"])
+    out = run(backend_name, sample)
+    grads = torch.autograd.grad(out.square().sum(), sample.tensors, create_graph=True)
+    penalty = sum(g.square().sum() for g in grads)
+    if backend_name == "reference":
+        second = torch.autograd.grad(penalty, sample.tensors[1:3])
+        assert all(g.abs().max() > 0 for g in second)
+        return
+    with pytest.raises(RuntimeError, match="double backward .* is not supported .* backend='reference'"):
+        torch.autograd.grad(penalty, sample.tensors[1:3])
 
 
-def op_samples(requires_grad):
-    out = []
-    for stride, padding, groups, order in [((1, 1), (3, 3), 1, 2), ((2, 1), (0, 1), 2, 3), ((2, 2), (2, 2), 1, 1)]:
-        taps = srf_taps(torch.tensor([0.0], dtype=torch.float64), order, 3, 2.0)[0]
-        x = torch.randn(2, 4, 9, 8, dtype=torch.float64, requires_grad=requires_grad)
-        a = torch.randn(num_basis(order), 4 // groups, 6, dtype=torch.float64, requires_grad=requires_grad)
-        out.append((x, taps.detach().requires_grad_(requires_grad), a, list(stride), list(padding), groups))
-    return out
-
-
-@pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck(cpu_kernel, requires_grad):
-    for args in op_samples(requires_grad):
-        torch.library.opcheck(torch.ops.dcn_fast.srf_conv2d.default, args)
-
-
-def test_op_under_torch_compile(cpu_kernel):
-    x, taps, a, stride, padding, groups = op_samples(False)[0]
-
-    def f(x, taps, a):
-        return torch.ops.dcn_fast.srf_conv2d(x, taps, a, stride, padding, groups).relu()
-
-    expected = f(x, taps, a)
-    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x, taps, a), expected)
-
-
-def test_op_checks_its_arguments(cpu_kernel):
-    x, taps, a, stride, padding, groups = op_samples(False)[0]
-    with pytest.raises(RuntimeError, match="alpha.size\\(0\\) must be F = 6"):
-        torch.ops.dcn_fast.srf_conv2d(x, taps, a[:5], stride, padding, groups)
-    with pytest.raises(RuntimeError, match="share one dtype"):
-        torch.ops.dcn_fast.srf_conv2d(x.float(), taps, a, stride, padding, groups)
-
-
-def test_cpu_backward_is_deterministic(cpu_kernel):
-    (x, s, a, _), kwargs = make(CASES[5], torch.float32, requires_grad=True)
+def test_cpu_backward_is_deterministic(backend):
+    (sample,) = sample_inputs(dtype=torch.float32, requires_grad=True, names=["padding-pair"])
     grads = []
     for _ in range(2):
-        out = srf_conv2d(x, s, a, backend="cpu", **kwargs)
-        grads.append(torch.autograd.grad(out.square().sum(), (x, s, a)))
+        grads.append(torch.autograd.grad(run(backend, sample).square().sum(), sample.tensors))
     for g1, g2 in zip(*grads):
         assert torch.equal(g1, g2)
+
+
+def test_functional_under_torch_compile_fullgraph(backend):
+    """With precomputed taps (no host read of σ) srf_conv2d compiles as one graph, backward included."""
+    from dcn_fast.functional import srf_taps_for
+
+    (sample,) = sample_inputs(requires_grad=True, names=["batch1-stride2-groups-bias"])
+    x, s, a, b = sample.tensors
+    taps = srf_taps_for(s, order=sample.kwargs["order"])
+
+    def f(x, taps, a, b):
+        return srf_conv2d(x, s, a, bias=b, taps=taps, backend=backend, **sample.kwargs).relu().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got, want = compiled(x, taps, a, b), f(x, taps, a, b)
+    assert rel_err(got, want) < 1e-12
+    for g, e in zip(torch.autograd.grad(got, (x, a, b)), torch.autograd.grad(want, (x, a, b))):
+        assert rel_err(g, e) < 1e-12
 
 
 # --- argument errors ------------------------------------------------------
@@ -241,10 +226,17 @@ A = torch.randn(6, 3, 4)
         (dict(kernel_size=4), ValueError, "kernel_size must be None or an odd int"),
         (dict(kernel_size=131), ValueError, "kernel_size must be <= 129"),
         (dict(padding="valid", scale=torch.tensor([1.5])), ValueError, "smaller than the 15x15 kernel"),
-        (dict(backend="cuda"), ValueError, "backend must be one of 'auto', 'reference', 'separable', 'cpu', 'triton'"),
+        (dict(scale=torch.tensor([-64.0])), ValueError, r"scale too small: scale = -64 .* allowed range is scale >= -8"),
+        (dict(scale=torch.tensor([-8.5])), ValueError, r"scale too small: scale = -8.5 "),
+        (dict(backend="cuda"), ValueError,
+         "backend must be one of 'auto', 'reference', 'cpu', 'dense', 'separable', 'triton'"),
+        (dict(backend="triton"), ValueError, "backend='triton' needs CUDA tensors"),
+        (dict(backend="cpu", input=X.double(), alpha=A.double(), scale=torch.zeros(4)), ValueError,
+         "backend='cpu' takes one σ per layer"),
     ],
 )
-def test_errors(kwargs, error, match):
+def test_errors(kwargs, error, match, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # test_triton.py sets it on CPU-only machines
     args = dict(input=X, scale=S, alpha=A)
     args.update(kwargs)
     positional = [args.pop(k) for k in ("input", "scale", "alpha")]
@@ -252,7 +244,7 @@ def test_errors(kwargs, error, match):
         srf_conv2d(*positional, **args)
 
 
-@pytest.mark.parametrize("backend_name", ["reference", "separable", "cpu"])
+@pytest.mark.parametrize("backend_name", ["reference", "separable", "cpu", "dense"])
 def test_precomputed_taps(backend_name):
     """srf_taps_for + taps= gives the same result and gradients as building the taps in the call."""
     from dcn_fast.functional import srf_taps_for
@@ -272,6 +264,25 @@ def test_precomputed_taps(backend_name):
         srf_conv2d(x, s, a, taps=taps[:, :2], backend=backend_name)  # order 1 taps, order 2 call
     with pytest.raises(ValueError, match="scale .* must be finite"):
         srf_taps_for(torch.tensor([float("-inf")]))
+    with pytest.raises(ValueError, match="scale too small"):
+        srf_taps_for(torch.tensor([-70.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("order", [0, 4])
+def test_smallest_allowed_scale_is_finite_on_every_backend(dtype, order):
+    """At scale = MIN_SCALE every backend gives finite outputs and gradients (float32 overflowed to NaN
+    from about -24 at order 4: the reason for the bound)."""
+    from dcn_fast.functional import MIN_SCALE
+
+    x = torch.randn(1, 2, 9, 9, dtype=dtype)
+    a = torch.randn(num_basis(order), 2, 3, dtype=dtype, requires_grad=True)
+    for kernel_size in (None, 7):
+        for backend_name in ["reference", *CPU_BACKENDS]:
+            s = torch.tensor([MIN_SCALE], dtype=dtype, requires_grad=True)
+            out = srf_conv2d(x, s, a, order=order, kernel_size=kernel_size, backend=backend_name)
+            grads = torch.autograd.grad(out.sum(), (s, a))
+            assert out.isfinite().all() and all(g.isfinite().all() for g in grads), (backend_name, kernel_size)
 
 
 def test_low_precision_input_on_cpu():
@@ -285,7 +296,7 @@ def test_low_precision_input_on_cpu():
         srf_conv2d(x, s, a, backend="cpu")
 
 
-@pytest.mark.parametrize("backend_name", ["separable", "cpu"])
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
 def test_under_cpu_autocast(backend_name):
     """Under autocast the op computes in its inputs' promoted dtype (float32 here) and matches the reference."""
     x = torch.randn(2, 4, 9, 9)
@@ -296,8 +307,9 @@ def test_under_cpu_autocast(backend_name):
     assert rel_err(out, srf_conv2d(x.bfloat16().float(), s, a, backend="reference")) < 1e-5
 
 
-def test_auto_rule_for_cuda_as_measured(monkeypatch):
-    """CUDA: triton where its kernels take the call, else separable (a CUDA-typed meta tensor stands in)."""
+def test_auto_rule_for_cuda(monkeypatch):
+    """CUDA: dense up to K = 11 when its CUDA kernels are built (provisional), then triton where its kernels
+    take the call, else separable; per-channel σ: dense (a CUDA-typed stand-in tensor, no GPU needed)."""
     from dcn_fast import functional
 
     class CudaLike:
@@ -305,11 +317,18 @@ def test_auto_rule_for_cuda_as_measured(monkeypatch):
             self.shape, self.dtype, self.device = torch.Size(shape), dtype, torch.device("cuda")
 
     monkeypatch.setattr(functional, "triton_available", lambda: True)
+    monkeypatch.setattr(ops, "cuda_kernel_available", lambda: False)
     x = CudaLike((8, 33, 30, 30), torch.float32)
-    assert functional.resolve_backend("auto", x, torch.float32, torch.empty(6, 33, 32)) == "triton"
-    assert functional.resolve_backend("auto", x, torch.bfloat16, torch.empty(6, 33, 32)) == "triton"
-    assert functional.resolve_backend("auto", x, torch.float64, torch.empty(6, 33, 32)) == "separable"
-    assert functional.resolve_backend("auto", x, torch.float32, torch.empty(6, 11, 32), groups=3) == "separable"
-    assert functional.resolve_backend("auto", x, torch.float32, torch.empty(6, 33, 512)) == "separable"
+    resolve = functional.resolve_backend
+    assert resolve("auto", x, torch.float32, torch.empty(6, 33, 32), kernel=7) == "triton"
+    assert resolve("auto", x, torch.bfloat16, torch.empty(6, 33, 32)) == "triton"
+    assert resolve("auto", x, torch.float64, torch.empty(6, 33, 32)) == "separable"
+    assert resolve("auto", x, torch.float32, torch.empty(6, 11, 32), groups=3) == "separable"
+    assert resolve("auto", x, torch.float32, torch.empty(6, 33, 512)) == "separable"
+    assert resolve("auto", x, torch.float32, torch.empty(6, 33, 32), sharing="pair") == "dense"
+    monkeypatch.setattr(ops, "cuda_kernel_available", lambda: True)
+    assert resolve("auto", x, torch.float32, torch.empty(6, 33, 32), kernel=11) == "dense"
+    assert resolve("auto", x, torch.float64, torch.empty(6, 33, 32), kernel=5) == "dense"
+    assert resolve("auto", x, torch.float32, torch.empty(6, 33, 32), kernel=13) == "triton"
     monkeypatch.setattr(functional, "triton_available", lambda: False)
-    assert functional.resolve_backend("auto", x, torch.float32, torch.empty(6, 33, 32)) == "separable"
+    assert resolve("auto", x, torch.float32, torch.empty(6, 33, 32), kernel=13) == "separable"

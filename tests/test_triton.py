@@ -19,6 +19,8 @@ from dcn_fast.functional import srf_taps_for  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+pytestmark = pytest.mark.usefixtures("ieee_float32")
+
 # (batch, c_in, c_out, height, width, order, scale, stride, padding)
 CASES = [
     (2, 3, 5, 7, 9, 2, 0.0, 1, "same"),
@@ -42,7 +44,7 @@ def test_forward_and_gradients_match_float64_reference(case):
     want = srf_conv2d(*wide, backend="reference", **kwargs)
     assert out.shape == want.shape and out.dtype == torch.float32
 
-    assert rel_err(out, want) < 1e-4  # float32 GEMMs in IEEE precision (TF32 only when torch allows it)
+    assert rel_err(out, want) < 1e-4  # float32 dots in IEEE precision (TF32 off: ieee_float32)
     grad = torch.randn_like(want)
     got = torch.autograd.grad(out, (x, s, a), grad.float())
     expected = torch.autograd.grad(want, wide, grad)
@@ -83,11 +85,8 @@ def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
         srf_conv2d(torch.randn(1, 2, 5, 5), torch.zeros(1), torch.randn(6, 2, 2), backend="triton")
 
 
-def test_every_output_element_is_written(monkeypatch):
+def test_every_output_element_is_written(poison_empty):
     """Outputs and gradient buffers start as NaN: an element a kernel skips would show."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: real_empty_like(*a, **k).fill_(float("nan")))
     x = torch.randn(2, 3, 7, 6, device=DEVICE, requires_grad=True)
     s = torch.tensor([0.2], device=DEVICE, requires_grad=True)
     a = torch.randn(6, 3, 5, device=DEVICE, requires_grad=True)
@@ -219,3 +218,33 @@ def test_backward_launches_five_kernels_and_two_reductions(monkeypatch):
     with Ops():
         kernels.backward(*args)
     assert sorted(launched) == sorted(["_pass_kernel"] * 4 + ["_srf_bwd_weights_kernel", "sum", "sum"])
+
+
+def test_double_backward_raises_one_clear_error():
+    x = torch.randn(1, 2, 6, 6, device=DEVICE, requires_grad=True)
+    s = torch.tensor([0.1], device=DEVICE, requires_grad=True)
+    a = torch.randn(6, 2, 3, device=DEVICE, requires_grad=True)
+    grads = torch.autograd.grad(srf_conv2d(x, s, a, backend="triton").square().sum(), (x, s, a), create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+        torch.autograd.grad(sum(g.square().sum() for g in grads), (s, a))
+
+
+def test_per_channel_sigma_is_refused():
+    x = torch.randn(1, 2, 6, 6, device=DEVICE)
+    with pytest.raises(ValueError, match="backend='triton' takes one σ per layer"):
+        srf_conv2d(x, torch.zeros(3, device=DEVICE), torch.randn(6, 2, 3, device=DEVICE), backend="triton")
+
+
+def test_float32_dots_follow_the_cudnn_tf32_flag():
+    """tl.dot runs in TF32 exactly when cuDNN convolutions may (torch.backends.cudnn.allow_tf32, default on);
+    the matmul flag does not matter. Tensor cores in the PTX: tests/test_triton_compile.py."""
+    from dcn_fast.kernels.srf_conv2d import _precision
+
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+        assert _precision() == "tf32"
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, True
+        assert _precision() == "ieee"
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags

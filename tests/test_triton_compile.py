@@ -60,6 +60,8 @@ def _compile(fn, constexprs: dict, num_warps: int) -> dict:
     signature.update({name: "fp32" for name in ("truncate", "slack") if name in signature})
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    # Tensor-core matrix instructions: mma.sync or, on sm_90, wgmma.
+    tensor_cores = re.search(r"^\s*w?gmma\.|^\s*mma\.", compiled.asm["ptx"], re.MULTILINE) is not None
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as ptx:
         ptx.write(compiled.asm["ptx"])
     report = subprocess.run([_ptxas(), "-arch=sm_90a", "-v", ptx.name, "-o", os.devnull],
@@ -68,7 +70,8 @@ def _compile(fn, constexprs: dict, num_warps: int) -> dict:
     return {
         "kernel": fn.__name__,
         "config": {k: v for k, v in constexprs.items()
-                   if k in ("K", "BLOCK_I", "BLOCK_O", "AXIS", "TRANSPOSED", "CORRELATE")},
+                   if k in ("K", "BLOCK_I", "BLOCK_O", "AXIS", "TRANSPOSED", "CORRELATE", "PRECISION")},
+        "tensor_cores": tensor_cores,
         "registers": int(re.search(r"Used (\d+) registers", report).group(1)),
         "spill_bytes": int(re.search(r"(\d+) bytes spill stores", report).group(1)),
     }
@@ -81,14 +84,16 @@ def _report() -> list[dict]:
     results = []
     for k in KERNEL_SIZES:
         for c_out in OUT_CHANNELS:
-            fwd = conv.forward_config(c_out, F_PAD)
-            results.append(_compile(conv._srf_fwd_kernel, dict(
-                K=k, F=N_BASIS, F_PAD=F_PAD, PRECISION="ieee", HAS_BIAS=True,
-                **{n: v for n, v in fwd.items() if n != "num_warps"}), fwd["num_warps"]))
-            bwd = conv.backward_config(c_out, F_PAD)
-            results.append(_compile(conv._srf_bwd_weights_kernel, dict(
-                K=k, F=N_BASIS, F_PAD=F_PAD, PRECISION="ieee", NEED_ALPHA=True, NEED_GRAD_RESP=True,
-                **{n: v for n, v in bwd.items() if n != "num_warps"}), bwd["num_warps"]))
+            # TF32 (the default: torch.backends.cudnn.allow_tf32) at every shape; IEEE float32 at one.
+            for precision in ("tf32", "ieee") if (k, c_out) == (KERNEL_SIZES[0], OUT_CHANNELS[0]) else ("tf32",):
+                fwd = conv.forward_config(c_out, F_PAD)
+                results.append(_compile(conv._srf_fwd_kernel, dict(
+                    K=k, F=N_BASIS, F_PAD=F_PAD, PRECISION=precision, HAS_BIAS=True,
+                    **{n: v for n, v in fwd.items() if n != "num_warps"}), fwd["num_warps"]))
+                bwd = conv.backward_config(c_out, F_PAD)
+                results.append(_compile(conv._srf_bwd_weights_kernel, dict(
+                    K=k, F=N_BASIS, F_PAD=F_PAD, PRECISION=precision, NEED_ALPHA=True, NEED_GRAD_RESP=True,
+                    **{n: v for n, v in bwd.items() if n != "num_warps"}), bwd["num_warps"]))
         # V; gV with the row-tap gradient; gH (not stored) with the column-tap gradient; grad x.
         for axis, transposed, slots, store, correlate in ((0, False, ORDER + 1, True, False),
                                                           (1, True, ORDER + 1, True, True),
@@ -109,9 +114,12 @@ def test_kernels_compile_for_sm90_without_register_spills():
     run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout)
-    assert len(results) == len(KERNEL_SIZES) * (2 * len(OUT_CHANNELS) + 4 + 1)
+    assert len(results) == len(KERNEL_SIZES) * (2 * len(OUT_CHANNELS) + 4 + 1) + 2
     spilled = [r for r in results if r["spill_bytes"]]
     assert not spilled, spilled
+    # tl.dot in TF32 runs on tensor cores; IEEE float32 dots on the FMA units.
+    dots = [r for r in results if "PRECISION" in r["config"]]
+    assert all(r["tensor_cores"] == (r["config"]["PRECISION"] == "tf32") for r in dots), dots
 
 
 if __name__ == "__main__":

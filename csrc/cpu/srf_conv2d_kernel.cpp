@@ -1,4 +1,4 @@
-// CPU kernel of dcn_fast::srf_conv2d: the separable basis algorithm
+// CPU kernel of dcn_fast::srf_tiled_conv2d (the "cpu" backend): the separable basis algorithm
 // (DESIGN.md §2), tiled over (image, block of output rows).
 //
 // Per tile and group: the input footprint is laid out channels-innermost, one
@@ -420,8 +420,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> srf_conv2d_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dcn_fast, CPU, m) {
-  m.impl("srf_conv2d", &srf_conv2d_cpu);
-  m.impl("srf_conv2d_backward", &srf_conv2d_backward_cpu);
+  m.impl("srf_tiled_conv2d", &srf_conv2d_cpu);
+  m.impl("srf_tiled_conv2d_backward", &srf_conv2d_backward_cpu);
 }
 
 }  // namespace dcn_fast
