@@ -117,6 +117,10 @@ class TrainConfig:
         return replace(saved, **{**overrides, "out": str(out), "resume": True})
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -424,8 +428,8 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
                 log(f"resuming {config.model} from {out / 'last.pt'} after epoch {run.start_epoch}")
             log(
                 f"training {config.model} ({run.model.num_parameters():,} parameters) on {n_train} images from "
-                f"{run.data.source}, {run.epochs} epochs of {run.steps} steps, batch {config.batch_size}, {device}"
-                + (f", {ranks.world} processes" if ranks.active else "")
+                f"{run.data.source}, {_count(run.epochs, 'epoch')} of {_count(run.steps, 'step')}, "
+                f"batch {config.batch_size}, {device}" + (f", {ranks.world} processes" if ranks.active else "")
             )
         if run.start_epoch < run.epochs:
             _prepare_cpu_kernel(run.model, config, device, log if ranks.main else (lambda *_: None))
