@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model of the paper on CIFAR-10",
         description="Train on CIFAR-10 with the paper's protocol (SGD 0.9, lr 0.1, x0.1 at 40% and 70% of the "
-        "epochs, ±4 px translation + flips). Without --data-root: a short run on the sample shipped with the "
+        "epochs, σ^ji at 80%, 140%, 200%; ±4 px translation + flips; inputs in [0, 1]). Without --data-root: a short run on the sample shipped with the "
         f"package ({', '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in _sample_defaults().items())}).",
     )
     # Every setting defaults to None ("not given"): see run_train.
