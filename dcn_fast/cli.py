@@ -14,11 +14,13 @@ import math
 import os
 import sys
 import time
+from dataclasses import fields
 from typing import Callable, Sequence
 
 import torch
 
 from .functional import BACKENDS, srf_conv2d
+from .checkpoint import REPLAYS
 from .ode import GRADIENTS
 from .shapes import BENCH_SIGMAS, DCN_BLOCK_LAYERS
 
@@ -41,7 +43,9 @@ def _time(fn: Callable[[], object], repeats: int, device: torch.device) -> float
 
 
 def bench_layer(args: argparse.Namespace) -> int:
-    device = torch.device(args.device)
+    from .distributed import resolve_device
+
+    device = resolve_device(args.device)
     backends = ["reference"] + [b for b in args.backends if b != "reference"]
     print(
         f"SRF layer forward+backward, batch {args.batch}, {device} "
@@ -77,44 +81,25 @@ def bench_layer(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .models import MODELS
     from .train import SAMPLE_DEFAULTS, TrainConfig, train
 
-    if args.model not in MODELS:
-        print(f"dcn-fast train: error: unknown model {args.model!r}; choose one of: {', '.join(MODELS)}", file=sys.stderr)
-        return 2
-    if args.resume and args.out is None:
-        print("dcn-fast train: error: --resume needs --out (the folder of the run to continue)", file=sys.stderr)
-        return 2
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    if args.data_root is None:  # the quick run on the shipped sample
-        for key, value in SAMPLE_DEFAULTS.items():
-            given.setdefault(key, value)
-    config = TrainConfig(
-        model=args.model,
-        data_root=args.data_root,
-        images_per_class=given.get("images_per_class"),
-        epochs=given.get("epochs"),
-        batch_size=given.get("batch_size", 128),
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        out=args.out or time.strftime(f"runs/{args.model}-%Y%m%d-%H%M%S"),
-        amp=args.amp,
-        device=args.device,
-        gradient=args.gradient,
-        seminorm=args.seminorm,
-        rtol=args.rtol,
-        atol=args.atol,
-        backend=args.backend,
-        resume=args.resume,
-        download=args.download,
-    )
+    # Options left out are None: a new run takes TrainConfig's defaults (and the
+    # sample's quick settings without --data-root); a resumed run keeps its own.
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+             if f.name not in ("resume", "out") and getattr(args, f.name, None) is not None}
+    if args.resume:
+        if args.out is None:
+            raise ValueError("--resume needs --out (the folder of the run to continue)")
+        config = TrainConfig.from_run(args.out, **given)
+    else:
+        settings = {**(SAMPLE_DEFAULTS if args.data_root is None else {}), **given}
+        out = args.out or time.strftime(f"runs/{settings.get('model', TrainConfig.model)}-%Y%m%d-%H%M%S")
+        config = TrainConfig(**settings, out=out)
     summary = train(config, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(
-            f"best test accuracy {summary['best_test_acc']:.4f} (epoch {summary['best_epoch']}); "
-            f"outputs in {summary['out']} (metrics.jsonl, summary.json, best.pt, last.pt)"
+            f"best test accuracy {summary['best_test_acc']:.4f} (epoch {summary['best_epoch']} of "
+            f"{summary['epochs']}); outputs in {summary['out']} (metrics.jsonl, summary.json, best.pt, last.pt)"
         )
     return 0
 
@@ -123,7 +108,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .train import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, data_root=args.data_root, device=args.device,
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size, progress=not args.no_progress)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -170,31 +155,50 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model of the paper on CIFAR-10",
         description="Train on CIFAR-10 with the paper's protocol (SGD 0.9, lr 0.1, x0.1 at 40% and 70% of the "
-        "epochs, ±4 px translation + flips). Without --data-root: a short run on the sample shipped with the "
+        "epochs, σ^ji at 80%, 140%, 200%; ±4 px translation + flips; inputs in [0, 1]). Without --data-root: a short run on the sample shipped with the "
         f"package ({', '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in _sample_defaults().items())}).",
     )
-    train.add_argument("--model", default="dcn-ode", help=f"one of: {', '.join(MODELS)} (default: dcn-ode)")
+    # Every setting defaults to None ("not given"): see run_train.
+    train.add_argument("--model", help=f"one of: {', '.join(MODELS)} (default: dcn-ode)")
     train.add_argument("--data-root", help="CIFAR-10: torchvision folder, JPEG tree or .tar.xz (default: shipped sample)")
-    train.add_argument("--download", action="store_true", help="download CIFAR-10 into --data-root (torchvision)")
+    train.add_argument("--download", action="store_true", default=None,
+                       help="download CIFAR-10 into --data-root (torchvision)")
     train.add_argument("--images-per-class", type=_positive_int, help="small-data subset, n images per class")
     train.add_argument("--epochs", type=_positive_int, help="default: 100, more for small subsets")
     train.add_argument("--batch-size", type=_positive_int, help="global batch size (default: 128)")
-    train.add_argument("--lr", type=float, default=0.1, help="initial learning rate (default: 0.1)")
-    train.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay (default: 0)")
-    train.add_argument("--seed", type=int, default=0, help="seed of init, subset, order, augmentation")
+    train.add_argument("--lr", type=float, help="initial learning rate (default: 0.1)")
+    train.add_argument("--momentum", type=float, help="SGD momentum (default: 0.9)")
+    train.add_argument("--weight-decay", type=float, help="SGD weight decay (default: 0)")
+    train.add_argument("--seed", type=int, help="seed of init, subset, order, augmentation (default: 0)")
+    train.add_argument("--normalize", action=argparse.BooleanOptionalAction,
+                       help="standardise inputs with CIFAR-10's mean/std (default: off, inputs in [0, 1] as the "
+                            "official code)")
     train.add_argument("--out", help="output folder (default: runs/<model>-<date>-<time>)")
     train.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
     train.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    train.add_argument("--gradient", choices=GRADIENTS, default="adjoint",
-                       help="how ODE solves are differentiated: adjoint ODE solved backwards, or backprop "
-                            "through the solver (default: adjoint)")
-    train.add_argument("--seminorm", action="store_true",
+    train.add_argument("--gradient", choices=GRADIENTS,
+                       help="how ODE solves are differentiated: checkpoint (exact: accepted steps replayed, "
+                            "one step's graph at a time), adjoint (adjoint ODE solved backwards, least memory, "
+                            "approximate), backprop (exact, memory grows with every evaluation) "
+                            "(default: checkpoint)")
+    train.add_argument("--replay", choices=REPLAYS,
+                       help="with --gradient checkpoint: hold one step's graph (step, default) or one "
+                            "evaluation's (stage: less memory, slower)")
+    train.add_argument("--seminorm", action=argparse.BooleanOptionalAction,
                        help="adjoint with torchdiffeq's seminorm: step control ignores the parameter adjoints")
-    train.add_argument("--rtol", type=float, default=1e-3, help="solver relative tolerance (default: 1e-3)")
-    train.add_argument("--atol", type=float, default=1e-3, help="solver absolute tolerance (default: 1e-3)")
-    train.add_argument("--backend", default="auto", choices=[b for b in BACKENDS], help="SRF backend")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--T", type=float, dest="T",
+                       help="end time of the ODE blocks (default: the model's: 2 for DCNs, 1 for ODE-Net)")
+    train.add_argument("--activation", choices=["relu", "celu"],
+                       help="activation everywhere in the model (default: the model's; Table A.1's controls: "
+                            "--model odenet --T 2 --activation celu)")
+    train.add_argument("--rtol", type=float, help="solver relative tolerance (default: 1e-3)")
+    train.add_argument("--atol", type=float, help="solver absolute tolerance (default: 1e-3)")
+    train.add_argument("--backend", choices=BACKENDS, help="SRF backend (default: auto)")
+    train.add_argument("--eval-batch-size", type=_positive_int, help="test-set batch (default: 500)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from last.pt with its saved settings; options given "
+                            "explicitly override them")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(run=run_train)
 
     evaluate = sub.add_parser("eval", help="test accuracy of a checkpoint")
@@ -202,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-root", help="CIFAR-10 location (default: the one the run used)")
     evaluate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=500, help="evaluation batch (default: 500)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=run_eval)
     return parser
 
@@ -216,8 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:  # user errors: a message, not a traceback
-        print(f"dcn-fast {args.command}: error: {exc}", file=sys.stderr)
+    # User errors and a run that cannot go on: one line, not a traceback.
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
+        message = " ".join(str(exc).split())
+        print(f"dcn-fast {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -13,8 +13,9 @@ import torch
 
 from dcn_fast import cli
 from dcn_fast import train as train_module
-from dcn_fast.data import CLASSES, augment, load_cifar10, per_class_subset, sample_archive
-from dcn_fast.train import TrainConfig, default_epochs, evaluate_checkpoint, train
+from dcn_fast.runfiles import load_checkpoint, save_checkpoint, write_json
+from dcn_fast.data import CLASSES, augment, load_cifar10, per_class_subset, sample_archive, to_inputs
+from dcn_fast.train import TrainConfig, default_epochs, evaluate_checkpoint, lr_at, train
 
 
 @pytest.fixture(autouse=True)
@@ -131,8 +132,8 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, monkeyp
     train(small_config(tmp_path, out=str(crashed), resume=True), progress=False, log=lambda *_: None)
 
     assert read_metrics(crashed) == [m | {"seconds": c["seconds"]} for m, c in zip(read_metrics(straight), read_metrics(crashed))]
-    a = torch.load(straight / "last.pt", weights_only=False)["model_state"]
-    b = torch.load(crashed / "last.pt", weights_only=False)["model_state"]
+    a = torch.load(straight / "last.pt", weights_only=True)["model_state"]
+    b = torch.load(crashed / "last.pt", weights_only=True)["model_state"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -208,3 +209,140 @@ def test_bf16_autocast_run(tmp_path):
 def test_cli_resume_needs_out(capsys):
     assert cli.main(["train", "--resume"]) == 2
     assert "--resume needs --out" in capsys.readouterr().err
+
+
+def test_jpeg_tree_cache_follows_deleted_images_and_class_folders(tmp_path):
+    tree = tmp_path / "tree"
+    with tarfile.open(sample_archive()) as archive:
+        archive.extractall(tree, filter="data")
+    before = load_cifar10(tree)  # decoded and cached
+    for image in sorted((tree / "train" / "cat").iterdir())[:5]:
+        image.unlink()
+    for folder in (tree / "train" / "truck", tree / "test" / "truck"):
+        for image in folder.iterdir():
+            image.unlink()
+        folder.rmdir()
+    after = load_cifar10(tree)
+    assert before.train_images.shape[0] == 2000
+    assert after.train_images.shape[0] == 2000 - 200 - 5 and after.test_images.shape[0] == 450
+    assert CLASSES.index("truck") not in after.train_labels.tolist()
+
+
+def test_torchvision_batches_that_would_run_code_are_refused(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": Payload(), "labels": [0]}, f)
+    with pytest.raises(ValueError, match="data_batch_1 is not a CIFAR-10 python batch.*refusing to load posix.mkdir"):
+        load_cifar10(tmp_path)
+    assert not marker.exists()
+
+
+def test_inputs_are_in_unit_range_unless_normalized():
+    images = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 3, 1, 1)
+    assert torch.equal(to_inputs(images), images.float() / 255)
+    standardized = to_inputs(images, standardize=True)
+    assert standardized.min() < 0 and standardized.max() > 1  # mean/std standardisation
+
+
+def test_normalize_is_recorded_in_the_checkpoint_and_used_by_eval(tmp_path):
+    summary = train(small_config(tmp_path, epochs=1, normalize=True), progress=False, log=lambda *_: None)
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert ckpt["config"]["normalize"] is True
+    result = evaluate_checkpoint(str(tmp_path / "run" / "best.pt"))
+    assert result["test_acc"] == pytest.approx(summary["best_test_acc"])
+    ckpt["config"]["normalize"] = False  # the same weights fed [0, 1] inputs: another loss
+    save_checkpoint(ckpt, tmp_path / "flipped.pt")
+    assert evaluate_checkpoint(str(tmp_path / "flipped.pt"))["test_loss"] != pytest.approx(result["test_loss"])
+
+
+def test_learning_rate_schedules():
+    paper = TrainConfig(model="dcn-ode", lr=0.1)
+    sigma_ji = TrainConfig(model="dcn-sigma-ji", lr=0.1)
+    assert [lr_at(paper, e, 100) for e in (0, 39, 40, 69, 70, 99)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3])
+    # The official σ^ji script: x0.1 at epochs 80, 140, 200 of its 100 (only the first falls inside the run).
+    assert [lr_at(sigma_ji, e, 100) for e in (0, 79, 80, 99)] == pytest.approx([0.1, 0.1, 0.01, 0.01])
+    # Another length scales the drops with it: 80 %, 140 %, 200 % of the epochs.
+    assert [lr_at(sigma_ji, e, 10) for e in (7, 8)] == pytest.approx([0.1, 0.01])
+    assert [lr_at(paper, e, 10) for e in (3, 4, 7)] == pytest.approx([0.1, 0.01, 1e-3])
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"weight_decay": float("nan")}, "--weight-decay must be a finite number >= 0, got nan"),
+        ({"weight_decay": float("inf")}, "--weight-decay must be a finite number >= 0, got inf"),
+        ({"weight_decay": -1e-4}, "--weight-decay must be a finite number >= 0"),
+        ({"momentum": float("nan")}, "--momentum must be in [0, 1), got nan"),
+        ({"momentum": 1.0}, "--momentum must be in [0, 1)"),
+        ({"lr": float("inf")}, "--lr must be a finite number > 0, got inf"),
+        ({"rtol": float("nan")}, "--rtol must be a finite number > 0, got nan"),
+        ({"atol": float("inf")}, "--atol must be a finite number > 0, got inf"),
+        ({"seed": -1}, "--seed must be in 0..2**32-1"),
+        ({"gradient": "guess"}, "--gradient must be one of checkpoint, adjoint, backprop"),
+        ({"gradient": "adjoint", "replay": "stage"}, "--replay must be one of step, stage and needs --gradient"),
+        ({"replay": "all"}, "--replay must be one of step, stage"),
+        ({"gradient": "backprop", "seminorm": True}, "--seminorm applies to --gradient adjoint only"),
+        ({"T": 0.0}, "--T must be a finite number > 0"),
+        ({"T": float("nan")}, "--T must be a finite number > 0"),
+        ({"model": "resnet-blocks", "T": 2.0}, "--T sets the end time of ODE blocks; resnet-blocks has none"),
+    ],
+)
+def test_settings_out_of_range_are_refused(setting, message, tmp_path):
+    with pytest.raises(ValueError) as exc:
+        train(small_config(tmp_path, **setting), progress=False, log=lambda *_: None)
+    assert message in str(exc.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_finished_run_trains_nothing(tmp_path):
+    train(small_config(tmp_path, epochs=1), progress=False, log=lambda *_: None)
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    messages = []
+    summary = train(TrainConfig.from_run(str(tmp_path / "run")), progress=False, log=messages.append)
+    assert any("has finished (1 of 1 epochs); nothing to train" in m for m in messages)
+    assert not any(m.startswith("epoch ") for m in messages)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    assert summary["epochs"] == 1 and summary["epochs_done"] == 1
+
+
+def test_the_kernel_build_is_announced_before_training(tmp_path):
+    messages = []
+    train(small_config(tmp_path, images_per_class=2, epochs=1, batch_size=20), progress=False, log=messages.append)
+    kernel = next(i for i, m in enumerate(messages) if m.startswith("loading the C++ CPU kernel"))
+    first_epoch = next(i for i, m in enumerate(messages) if m.startswith("epoch 1/1"))
+    assert kernel < first_epoch
+
+
+def test_summary_json_is_replaced_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    write_json({"run": 1}, path)
+
+    def dump_then_fail(obj, f, **kwargs):
+        f.write('{"run": ')
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(json, "dump", dump_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        write_json({"run": 2}, path)
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"run": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left
+
+
+def test_model_options_and_gradient_mode_reach_the_model(tmp_path):
+    """--T / --activation (Table A.1's controls) and --gradient / --replay build what they say."""
+    from dcn_fast.train import _build_model
+
+    model = _build_model(small_config(tmp_path, model="odenet", T=2.0, activation="celu", replay="stage"))
+    assert TrainConfig.gradient == "checkpoint"
+    assert [(b.T, b.gradient, b.replay) for b in model.ode_blocks()] == [(2.0, "checkpoint", "stage")] * 3
+    assert any(isinstance(m, torch.nn.CELU) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.ReLU) for m in model.modules())

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import lzma
 import os
 import pickle
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,7 @@ __all__ = [
     "sample_archive",
     "per_class_subset",
     "normalize",
+    "to_inputs",
     "augment",
 ]
 
@@ -93,13 +96,26 @@ def _jpeg_entries(path: Path):
                 yield member.name, archive.extractfile(member).read()
 
 
-def _load_jpeg(path: Path) -> dict[str, np.ndarray]:
-    stat = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = _cache_dir() / f"cifar10-{key}.npz"
-    if cache.is_file():
-        with np.load(cache) as data:
-            return dict(data)
+def _fingerprint(path: Path) -> str:
+    """Key of the decoded cache: the archive's size and mtime, or for a folder the
+    relative path, size and mtime of every image in it (so adding, changing or
+    deleting an image or a whole class folder makes a new key)."""
+    digest = hashlib.sha1(str(path.resolve()).encode())
+    if path.is_dir():
+        files = sorted(
+            (str(file.relative_to(path)), file.stat())
+            for file in path.rglob("*")
+            if file.is_file() and _split_and_class(str(file.relative_to(path)))
+        )
+        for name, stat in files:
+            digest.update(f"\n{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    else:
+        stat = path.stat()
+        digest.update(f":{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _decode_tree(path: Path) -> dict[str, np.ndarray]:
     images = {"train": [], "test": []}
     labels = {"train": [], "test": []}
     for name, data in sorted(_jpeg_entries(path)):
@@ -112,6 +128,21 @@ def _load_jpeg(path: Path) -> dict[str, np.ndarray]:
     for split in ("train", "test"):
         arrays[f"{split}_images"] = np.stack(images[split]).transpose(0, 3, 1, 2).copy()
         arrays[f"{split}_labels"] = np.asarray(labels[split], dtype=np.int64)
+    return arrays
+
+
+def _load_jpeg(path: Path) -> dict[str, np.ndarray]:
+    cache = _cache_dir() / f"cifar10-{_fingerprint(path)}.npz"
+    if cache.is_file():
+        with np.load(cache) as data:
+            return dict(data)
+    try:
+        arrays = _decode_tree(path)
+    except (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, OSError, ValueError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{path} is not a readable CIFAR-10 JPEG tree or archive ({type(exc).__name__}: {reason})") from exc
     cache.parent.mkdir(parents=True, exist_ok=True)
     partial = cache.with_suffix(f".{os.getpid()}.tmp.npz")
     np.savez(partial, **arrays)
@@ -119,14 +150,35 @@ def _load_jpeg(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10's python batches (dicts, lists, bytes and numpy arrays) and nothing
+    else: a batch file that names any other callable is refused instead of run."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
 def _load_pickles(folder: Path) -> dict[str, np.ndarray]:
     def read(names):
         images, labels = [], []
         for name in names:
-            with open(folder / name, "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
-            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(batch["labels"])
+            try:
+                with open(folder / name, "rb") as f:
+                    batch = _ArrayUnpickler(f, encoding="latin1").load()
+                images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.extend(batch["labels"])
+            except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ValueError(f"{folder / name} is not a CIFAR-10 python batch ({type(exc).__name__}: {reason})") from exc
         return np.concatenate(images), np.asarray(labels, dtype=np.int64)
 
     train = read([f"data_batch_{i}" for i in range(1, 6)])
@@ -155,6 +207,8 @@ def load_cifar10(root: str | os.PathLike | None = None, *, download: bool = Fals
 
     Raises:
         FileNotFoundError: naming what was looked for, if ``root`` holds no CIFAR-10.
+        ValueError: if the files found are not readable CIFAR-10 (a truncated or
+            corrupted archive, an image that does not decode, a foreign pickle).
     """
     if root is None:
         kind, path = "jpeg", sample_archive()
@@ -199,6 +253,12 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255.0 - mean) / std
+
+
+def to_inputs(images: torch.Tensor, standardize: bool = False) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` → the float32 model input: in [0, 1] as the official
+    code feeds it (``ToTensor()``), or standardised by :func:`normalize` when ``standardize``."""
+    return normalize(images) if standardize else images.float() / 255.0
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torch.Tensor:
