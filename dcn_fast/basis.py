@@ -91,6 +91,13 @@ def _taps_forward(scale: torch.Tensor, order: int, radius: int, truncate: float 
     return taps, sigma, x, g_hat, u, hermite, sign
 
 
+#: The one error of every fast path asked for a gradient of a gradient.
+DOUBLE_BACKWARD_ERROR = (
+    "dcn_fast.srf_conv2d: double backward (a gradient of a gradient, e.g. create_graph=True) is not supported "
+    "by the fast backends; use backend='reference', whose plain autograd supports it"
+)
+
+
 class _SRFTaps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scale, order, radius, truncate):
@@ -100,8 +107,11 @@ class _SRFTaps(torch.autograd.Function):
         return taps
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_taps):
+        # create_graph=True: the closed form below is not differentiable again, and a
+        # second derivative through σ would silently come out as zero.
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
         (scale,) = ctx.saved_tensors
         _, sigma, x, g_hat, u, hermite, sign = _taps_forward(scale, ctx.order, ctx.radius, ctx.truncate)
         energy = (g_hat * x * x).sum(-1, keepdim=True)  # E = Σ ĝ x²

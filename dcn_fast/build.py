@@ -118,6 +118,8 @@ def build_cuda(arch: str | None = None, verbose: bool | None = None) -> None:
 
     if arch is None and not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.is_available():
         arch = "{}.{}".format(*torch.cuda.get_device_capability())
+    if arch is None and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        raise ValueError("no GPU visible to choose the architecture: pass --arch (e.g. --arch 9.0 for an H100)")
     if arch is not None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "default")

@@ -32,6 +32,8 @@ def resolve_device(name: str | None, option: str = "--device") -> torch.device:
         raise ValueError(f"{option} {name!r} is not a device (examples: cpu, cuda, cuda:1)") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{option} {name}: CUDA is not available on this machine")
+    if device.type == "meta":
+        raise ValueError(f"{option} meta holds no data; use cpu or cuda")
     try:
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError) as exc:  # e.g. cuda:7 on a one-GPU machine, mps off macOS

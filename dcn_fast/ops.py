@@ -38,6 +38,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .basis import DOUBLE_BACKWARD_ERROR
 from .geometry import output_size
 
 __all__ = [
@@ -201,12 +202,6 @@ def _backward(ctx, grad_output):
 
 
 torch.library.register_autograd("dcn_fast::srf_conv2d", _backward, setup_context=_setup_context, lib=_LIB)
-
-DOUBLE_BACKWARD_ERROR = (
-    "dcn_fast.srf_conv2d: double backward (a gradient of a gradient, e.g. create_graph=True) is not supported "
-    "by the fast backends; use backend='reference', whose plain autograd supports it"
-)
-
 
 def _no_double_backward(ctx, *grads):
     raise RuntimeError(DOUBLE_BACKWARD_ERROR)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
 
 import torch
@@ -88,11 +87,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+    except Exception as exc:  # whatever a damaged or foreign file makes the unpickler raise
         if "Weights only load failed" in str(exc):
             reason = "it holds objects other than tensors and plain values; refused, since unpickling them could run code"
         else:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            detail = (str(exc).strip().splitlines() or [""])[0]
+            reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
         raise ValueError(f"{path} is not a readable dcn_fast checkpoint ({reason})") from exc
     if not (isinstance(ckpt, dict) and ckpt.get("format") in _READABLE_FORMATS and isinstance(ckpt.get("config"), dict)):
         raise ValueError(f"{path} is not a dcn_fast checkpoint (format {CHECKPOINT_FORMAT})")

@@ -311,8 +311,12 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> dict:
         # so a data-parallel run sees exactly the single-process batches.
         x = to_inputs(augment(run.train_images[batch], gen), config.normalize)[ranks.rank :: ranks.world]
         y = run.train_labels[batch][ranks.rank :: ranks.world]
-        with _autocast(config, device), run.watch.watch(f"at epoch {epoch + 1}, step {step + 1} (forward)"):
-            logits = run.net(x)
+        try:
+            with _autocast(config, device), run.watch.watch(f"at epoch {epoch + 1}, step {step + 1} (forward)"):
+                logits = run.net(x)
+        except ValueError as exc:  # weights driven out of range (e.g. a σ past its bounds) by the last update
+            raise FloatingPointError(f"at epoch {epoch + 1}, step {step + 1} of {run.steps}: {exc} "
+                                     "(the weights have probably diverged: try a lower --lr)") from exc
         loss = F.cross_entropy(logits.float(), y)
         value = float(loss.detach())
         if not math.isfinite(value):

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dcn_fast.basis import RADIUS_SLACK
+from dcn_fast.basis import DOUBLE_BACKWARD_ERROR, RADIUS_SLACK
 from .srf_conv2d import _pow2
 
 __all__ = ["srf_taps_triton"]
@@ -74,8 +74,9 @@ class _SRFTapsTriton(torch.autograd.Function):
         return taps.reshape(*scale.shape, order + 1, 2 * radius + 1)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_taps):
+        if torch.is_grad_enabled():  # as dcn_fast.basis: a second derivative in σ would silently be zero
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
         (dtaps,) = ctx.saved_tensors
         return (grad_taps.reshape(dtaps.shape) * dtaps).sum((1, 2)).reshape(ctx.scale_shape), None, None, None
 

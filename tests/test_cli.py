@@ -74,6 +74,12 @@ def test_a_checkpoint_that_would_run_code_is_refused(command, tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_a_text_file_as_checkpoint_is_one_line(tmp_path, capsys):
+    (tmp_path / "junk.pt").write_text("junk\n")
+    err = one_line_error(capsys, ["eval", "--checkpoint", str(tmp_path / "junk.pt")])
+    assert "is not a readable dcn_fast checkpoint" in err
+
+
 def test_checkpoints_load_weights_only(tmp_path):
     path = checkpoint_file(tmp_path / "c.pt", build("resnet-srf-blocks").state_dict())
     assert load_checkpoint(path)["config"]["model"] == "resnet-srf-blocks"
@@ -142,6 +148,7 @@ def test_a_folder_given_as_checkpoint(tmp_path, capsys):
     "argv, message",
     [
         (["train", "--device", "tpu"], "--device 'tpu' is not a device"),
+        (["train", "--device", "meta"], "--device meta holds no data"),
         (["train", "--device", "cuda:0"], "--device cuda:0: CUDA is not available"),
         (["bench-layer", "--device", "cuda"], "--device cuda: CUDA is not available"),
         (["bench-layer", "--device", "gpu"], "--device 'gpu' is not a device"),

@@ -159,6 +159,13 @@ def test_build_cuda_on_request_without_a_gpu():
     assert "cuda kernels built" in result.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the build takes its architecture")
+@pytest.mark.skipif(build.find_cuda_home() is None, reason="no CUDA toolkit (nvcc with libcudart) on this machine")
+def test_build_cuda_without_a_gpu_asks_for_arch():
+    result = subprocess.run([sys.executable, "-m", "dcn_fast.build", "cuda"], capture_output=True, text=True)
+    assert result.returncode == 1 and "pass --arch" in result.stderr
+
+
 def test_find_cuda_home_skips_a_wrapper_nvcc(tmp_path, monkeypatch):
     """An nvcc wrapper script first on PATH (no libcudart beside it) is not taken for the toolkit."""
     wrapper = tmp_path / "bin" / "nvcc"

@@ -88,7 +88,7 @@ def test_taps_gradcheck(order, shape, truncate):
 
 
 def test_taps_double_backward_is_refused():
+    """At the gradient taken with create_graph=True: differentiating it again would give a silent 0."""
     scale = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(srf_taps(scale, 2, 3, 2.0).pow(2).sum(), scale, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|marked with @once"):
-        g.backward()
+    with pytest.raises(RuntimeError, match="double backward .* is not supported .* backend='reference'"):
+        torch.autograd.grad(srf_taps(scale, 2, 3, 2.0).pow(2).sum(), scale, create_graph=True)
