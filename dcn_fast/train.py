@@ -361,6 +361,8 @@ def _summary(config: TrainConfig, epochs: int, history: list, best: dict, parame
     return {
         "model": config.model,
         "parameters": parameters,
+        "gradient": config.gradient,  # how the ODE solves were differentiated
+        "replay": (config.replay or "step") if config.gradient == "checkpoint" else None,
         "epochs": epochs,
         "epochs_done": len(history),
         "train_images": n_train,

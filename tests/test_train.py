@@ -105,6 +105,9 @@ def test_short_run_lowers_the_loss_and_writes_outputs(tmp_path):
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
     assert summary["best_test_acc"] == max(m["test_acc"] for m in metrics)
     assert {p.name for p in (tmp_path / "run").iterdir()} >= {"best.pt", "last.pt", "metrics.jsonl", "summary.json"}
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (written["gradient"], written["replay"]) == ("checkpoint", "step") and written == summary
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["gradient"] == "checkpoint"
     result = evaluate_checkpoint(str(tmp_path / "run" / "best.pt"))
     assert result["test_acc"] == pytest.approx(summary["best_test_acc"])
 
