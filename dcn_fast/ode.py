@@ -127,11 +127,14 @@ class TimeConv(nn.Module):
         coeffs = torch.cat([p.detach().reshape(1) for p in self._law_parameters()]).double().tolist()  # one read
         intercept, slope, square = coeffs + [0.0] * (3 - len(coeffs))
         ends = [TAU * T_MIN, TAU * T_MAX]
-        # Concave: the vertex, clipped to the interval, may be the highest point.
-        vertex = [min(max(-slope / (2 * square), ends[0]), ends[1])] if square < 0 else []
-        highest = max(intercept + slope * s + square * s * s for s in ends + vertex)
-        # The margin covers float32 rounding of σ(t) on the device (the extra taps are zeros).
-        return checked_radius(torch.tensor([highest + 1e-6], dtype=torch.float64), self.layer.truncate, None)
+        # The vertex, clipped to the interval, may be the highest (concave) or lowest (convex) point.
+        vertex = [min(max(-slope / (2 * square), ends[0]), ends[1])] if square else []
+        values = [intercept + slope * s + square * s * s for s in ends + vertex]
+        # Both ends of log2 σ(t) over the interval: the lowest is held to MIN_SCALE like any
+        # scale; the highest sets the radius (the margin covers float32 rounding of σ(t) on
+        # the device: the extra taps are zeros).
+        span = torch.tensor([min(values), max(values) + 1e-6], dtype=torch.float64)
+        return checked_radius(span, self.layer.truncate, None)
 
     def _weights(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scale, alpha, taps) of the SRF kinds at time t."""

@@ -184,3 +184,19 @@ def test_odenet_end_time_and_activation_are_options():
 def test_build_option_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         build(kwargs.pop("name"), **kwargs)
+
+
+@pytest.mark.parametrize("kind, intercept, slope, square", [
+    ("sigma_t", -7.9, -20.0, None),  # the hostile review's case: σ(t) down to 2^-27.9 passed unchecked
+    ("sigma_t2", -7.8, 0.0, 4.0),  # convex: -6.95 and -4.55 at the ends, -8.16 at the vertex
+])
+def test_sigma_t_below_min_scale_anywhere_on_the_interval_is_refused(kind, intercept, slope, square):
+    conv = TimeConv(2, 3, kind)
+    with torch.no_grad():
+        conv.layer.scale.fill_(intercept)
+        conv.scale_t.fill_(slope)
+        if square is not None:
+            conv.scale_t2.fill_(square)
+            conv.scale_t.fill_(-2 * square * 0.3)  # vertex at s = 0.3, inside [-0.25, 1.25]
+    with pytest.raises(ValueError, match="scale too small"):
+        conv(torch.tensor(1.0), torch.randn(1, 2, 5, 5))
