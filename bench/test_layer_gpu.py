@@ -18,7 +18,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dcn_fast import SRFConv2d, num_basis, srf_conv2d
 from dcn_fast.functional import truncation_radius

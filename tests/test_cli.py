@@ -3,9 +3,6 @@ no code run from files, no empty folders left, resume that resumes."""
 
 import json
 import os
-import subprocess
-import sys
-import tarfile
 from dataclasses import asdict
 
 import pytest
