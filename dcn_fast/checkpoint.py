@@ -29,7 +29,7 @@ here by name and checked at import: a torchdiffeq without them makes
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterable
 
 import torch
@@ -329,13 +329,8 @@ def checkpointed_odeint(
     # Each tensor once (as Module.parameters() gives them), or its gradient would count twice.
     params = tuple({id(p): p for p in params if p.requires_grad}.values())
     solve = dict(func=func, T=float(T), rtol=rtol, atol=atol, method=method, options=options,
-                 replay=replay, scope=scope or _nothing)
+                 replay=replay, scope=scope or nullcontext)
     return _CheckpointedSolve.apply(solve, y0, *params)
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 @torch.no_grad()
