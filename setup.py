@@ -15,12 +15,12 @@ setup(
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["dcn_fast", "dcn_fast.data", "dcn_fast.csrc", "dcn_fast.kernels"],
+    packages=["dcn_fast", "dcn_fast.data", "dcn_fast.experiments", "dcn_fast.csrc", "dcn_fast.kernels"],
     # The C++ sources ship inside the package so an installed wheel can build them
     # too; the Triton kernels (kernels/) import as dcn_fast.kernels.
     package_dir={"dcn_fast.csrc": "csrc", "dcn_fast.kernels": "kernels"},
     package_data={"dcn_fast.csrc": ["*.h", "cpu/*.cpp", "cuda/*.cu"], "dcn_fast.data": ["cifar10-sample.tar.xz"]},
-    install_requires=["torch>=2.6,<3", "torchdiffeq>=0.2.3", "ninja", "numpy", "pillow", "tqdm"],
+    install_requires=["torch>=2.6,<3", "torchdiffeq>=0.2.3", "ninja", "numpy", "pillow", "tqdm", "matplotlib>=3.5"],
     extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
     entry_points={"console_scripts": ["dcn-fast = dcn_fast.cli:main"]},
 )

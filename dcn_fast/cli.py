@@ -3,7 +3,9 @@
 - ``dcn-fast train``: train a model of the paper on CIFAR-10 (no arguments: a
   DCN-ODE, briefly, on the sample shipped with the package);
 - ``dcn-fast eval --checkpoint PATH``: test accuracy of a checkpoint;
-- ``dcn-fast bench-layer``: check and time SRFConv2d against the published layer.
+- ``dcn-fast bench-layer``: check and time SRFConv2d against the published layer;
+- ``dcn-fast experiment NAME``: an experiment of the paper, with figures (:mod:`dcn_fast.experiments`);
+- ``dcn-fast plot RUN_DIR``: the training curves of a run as PNG.
 """
 
 from __future__ import annotations
@@ -113,6 +115,22 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_experiment(args: argparse.Namespace) -> int:
+    from .experiments import load
+    from .experiments.common import Experiment
+
+    exp = Experiment.from_args(args.experiment, args)
+    exp.finish(load(args.experiment).run(exp, args), args)
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run
+
+    print(f"curves: {plot_run(args.run_dir, args.out)}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -164,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--download", action="store_true", default=None,
                        help="download CIFAR-10 into --data-root (torchvision)")
     train.add_argument("--images-per-class", type=_positive_int, help="small-data subset, n images per class")
+    train.add_argument("--test-images-per-class", type=_positive_int,
+                       help="evaluate on this many test images per class (default: the whole test set)")
     train.add_argument("--epochs", type=_positive_int, help="default: 100, more for small subsets")
     train.add_argument("--batch-size", type=_positive_int, help="global batch size (default: 128)")
     train.add_argument("--lr", type=float, help="initial learning rate (default: 0.1)")
@@ -208,6 +228,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_positive_int, default=500, help="evaluation batch (default: 500)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=run_eval)
+
+    from .experiments import EXPERIMENTS, load
+    from .experiments.common import add_common_arguments
+
+    experiment = sub.add_parser("experiment", help="run an experiment of the paper (result.json and PNG figures)",
+                                description="The paper's experiments beyond Table 1. Each writes result.json and "
+                                "PNG figures under --out; --quick runs it on the shipped sample in about a minute.")
+    kinds = experiment.add_subparsers(dest="experiment", required=True, metavar="NAME")
+    for name in EXPERIMENTS:
+        module = load(name)
+        parser_ = kinds.add_parser(name, help=module.HELP, description=module.__doc__.split("\n\n")[0])
+        module.add_arguments(parser_)
+        add_common_arguments(parser_, name)
+        parser_.set_defaults(run=run_experiment)
+
+    plot = sub.add_parser("plot", help="training curves of a run (loss, accuracy, NFE, learning rate) as PNG")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by dcn-fast train (holds metrics.jsonl)")
+    plot.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png)")
+    plot.set_defaults(run=run_plot)
     return parser
 
 
@@ -224,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # User errors and a run that cannot go on: one line, not a traceback.
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
         message = " ".join(str(exc).split())
-        print(f"dcn-fast {args.command}: error: {message}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "experiment", None))))
+        print(f"dcn-fast {command}: error: {message}", file=sys.stderr)
         return 2
 
 

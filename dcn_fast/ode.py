@@ -329,6 +329,26 @@ class ODEBlock(nn.Module):
         self._nfe_after_forward = self.func.nfe
         return out
 
+    @torch.no_grad()
+    def trajectory(self, x: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        """``h(t)`` at each of ``times`` (increasing, from 0 to at most ``T``), ``[len(times), *x.shape]``.
+
+        One solve with the block's solver, without a graph: dopri5 interpolates the
+        extra output times inside its steps, so ``h(T)`` is the forward's.
+        """
+        import torchdiffeq
+
+        times = torch.as_tensor(times, dtype=x.dtype, device=x.device)
+        if times.ndim != 1 or times.numel() < 2 or bool(times[0] != 0) or bool((times.diff() <= 0).any()) \
+                or float(times[-1]) > self.T * (1 + 1e-6):
+            raise ValueError(f"times must increase from 0 to at most T={self.T}, got {times.tolist()}")
+        start = self.func.nfe
+        with self._solve_scope():
+            out = torchdiffeq.odeint(self.func, x, times, rtol=self.rtol, atol=self.atol, method=self.method,
+                                     options=self.options)
+        self.nfe_forward = self.func.nfe - start
+        return out
+
     def _backprop_options(self, x: torch.Tensor) -> dict | None:
         """Solver options with the first step size chosen without a gradient (as every later one is)."""
         options = self.options

@@ -24,6 +24,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ from .modules import SRFConv2d
 from .checkpoint import REPLAYS
 from .ode import GRADIENTS, ODEBlock
 
-__all__ = ["TrainConfig", "train", "evaluate_checkpoint", "default_epochs", "lr_at", "SAMPLE_DEFAULTS"]
+__all__ = ["TrainConfig", "train", "evaluate", "evaluate_checkpoint", "load_model", "eval_split", "default_epochs", "lr_at", "SAMPLE_DEFAULTS"]
 
 #: ``dcn-fast train`` without ``--data-root``: a short DCN-ODE run on the shipped
 #: sample, sized for about 4 minutes of 2 CPU cores (README, Quick start: it
@@ -60,6 +61,7 @@ class TrainConfig:
     model: str = "dcn-ode"
     data_root: str | None = None
     images_per_class: int | None = None
+    test_images_per_class: int | None = None  # evaluate on a per-class subset of the test set (None: all)
     epochs: int | None = None  # None: default_epochs(images_per_class)
     batch_size: int = 128
     lr: float = 0.1
@@ -93,6 +95,9 @@ class TrainConfig:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
         if self.images_per_class is not None and not 1 <= self.images_per_class <= 5000:
             raise ValueError(f"--images-per-class must be in 1..5000 (CIFAR-10 has 5000), got {self.images_per_class}")
+        if self.test_images_per_class is not None and not 1 <= self.test_images_per_class <= 1000:
+            raise ValueError(f"--test-images-per-class must be in 1..1000 (CIFAR-10 has 1000), "
+                             f"got {self.test_images_per_class}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"--seed must be in 0..2**32-1, got {self.seed}")
         for name, low, high in (("lr", 0.0, math.inf), ("rtol", 0.0, math.inf), ("atol", 0.0, math.inf)):
@@ -241,28 +246,59 @@ def _prepare_cpu_kernel(model: torch.nn.Module, config: TrainConfig, device: tor
 
 
 @torch.no_grad()
-def _evaluate(model, images, labels, config, device, ranks: Ranks, watch: _SolverWatch, progress: bool) -> dict:
-    """Loss, accuracy and the largest forward NFE over ``images`` (sharded over ``ranks``)."""
+def _evaluate(model, images, labels, config, device, ranks: Ranks, watch: _SolverWatch, progress: bool,
+              transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+    """Loss, accuracy and forward NFE over ``images`` (sharded over ``ranks``).
+
+    ``transform`` maps each batch of model inputs before the forward pass (a
+    mask, a contrast change). NFE, summed over the ODE blocks: the largest of
+    any batch (``nfe_forward``) and the mean per batch (``nfe_forward_mean``).
+    """
     from tqdm.auto import tqdm
 
     model.eval()
-    loss_sum, correct, count, nfe = 0.0, 0.0, 0.0, 0
+    loss_sum, correct, count, nfe, nfe_sum, batches = 0.0, 0.0, 0.0, 0, 0.0, 0.0
     shard = torch.arange(ranks.rank, images.shape[0], ranks.world)
     blocks = unwrap(model).ode_blocks()
     starts = range(0, shard.numel(), config.eval_batch_size)
     for start in tqdm(starts, desc="test", disable=not (progress and ranks.main), leave=False, dynamic_ncols=True):
         idx = shard[start : start + config.eval_batch_size]
         x = to_inputs(images[idx].to(device), config.normalize)
+        if transform is not None:
+            x = transform(x)
         y = labels[idx].to(device)
         with _autocast(config, device), watch.watch("while evaluating"):
             logits = model(x)
         loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
         correct += float((logits.argmax(1) == y).sum())
         count += idx.numel()
-        nfe = max(nfe, sum(b.nfe_forward for b in blocks))
-    loss_sum, correct, count = ranks.sum([loss_sum, correct, count], device)
+        batch_nfe = sum(b.nfe_forward for b in blocks)
+        nfe, nfe_sum, batches = max(nfe, batch_nfe), nfe_sum + batch_nfe, batches + 1
+    loss_sum, correct, count, nfe_sum, batches = ranks.sum([loss_sum, correct, count, nfe_sum, batches], device)
     model.train()
-    return {"loss": loss_sum / count, "acc": correct / count, "nfe_forward": nfe}
+    return {"loss": loss_sum / count, "acc": correct / count, "nfe_forward": nfe,
+            "nfe_forward_mean": nfe_sum / max(batches, 1)}
+
+
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, *,
+             device: torch.device | None = None, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             progress: bool = False) -> dict:
+    """Test loss, accuracy and NFE of ``model`` on uint8 ``images``, fed as ``config`` says
+    (``normalize``, ``eval_batch_size``, ``amp``), each batch passed through ``transform`` first.
+
+    Returns ``{"loss", "acc", "nfe_forward" (largest per batch), "nfe_forward_mean"}``.
+    """
+    device = device or next(model.parameters()).device
+    return _evaluate(model, images, labels, config, device, Ranks(device), _SolverWatch(model), progress, transform)
+
+
+def eval_split(data: CIFAR10, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images and labels a run evaluates on: all, or ``config.test_images_per_class``
+    of each class (the same subset for every seed, so runs compare on the same images)."""
+    if config.test_images_per_class is None:
+        return data.test_images, data.test_labels
+    idx = per_class_subset(data.test_labels, config.test_images_per_class, seed=0)
+    return data.test_images[idx], data.test_labels[idx]
 
 
 @dataclass
@@ -276,6 +312,7 @@ class _Run:
     data: CIFAR10
     train_images: torch.Tensor  # uint8 [N, 3, 32, 32] on the device
     train_labels: torch.Tensor  # int64 [N] on the device
+    test: tuple[torch.Tensor, torch.Tensor]  # the test images and labels evaluated each epoch (eval_split)
     model: torch.nn.Module
     net: torch.nn.Module  # the model, under DDP in a torchrun launch
     optimizer: torch.optim.Optimizer
@@ -405,7 +442,8 @@ def _setup(config: TrainConfig, ckpt: dict | None, device: torch.device, ranks: 
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     run = _Run(config=config, epochs=config.epochs, device=device, ranks=ranks, data=data,
-               train_images=images.to(device), train_labels=labels.to(device), model=model,
+               train_images=images.to(device), train_labels=labels.to(device), test=eval_split(data, config),
+               model=model,
                net=ranks.wrap(model, device), optimizer=optimizer, watch=_SolverWatch(model), out=Path(config.out),
                best={"acc": -1.0, "epoch": -1}, history=[])
     if ckpt is not None:
@@ -476,8 +514,7 @@ def _run_epoch(run: _Run, epoch: int, progress: bool, log) -> None:
         group["lr"] = lr
     started = time.perf_counter()
     trained = _train_epoch(run, epoch, progress)
-    test = _evaluate(run.net, run.data.test_images, run.data.test_labels, run.config, run.device, run.ranks,
-                     run.watch, progress)
+    test = _evaluate(run.net, *run.test, run.config, run.device, run.ranks, run.watch, progress)
     record = {
         "epoch": epoch + 1,
         "lr": lr,
@@ -507,17 +544,31 @@ def _run_epoch(run: _Run, epoch: int, progress: bool, log) -> None:
     )
 
 
+def load_model(path: str | Path, device: str | torch.device | None = None,
+               models: tuple[str, ...] | None = None) -> tuple[torch.nn.Module, TrainConfig, dict]:
+    """The model of a checkpoint written by :func:`train`, its weights loaded, in eval mode.
+
+    Returns ``(model, config, checkpoint)``. ``models``: the model names the
+    caller accepts; a checkpoint of any other model raises ValueError.
+    """
+    ckpt = load_checkpoint(path)
+    config = _saved_config(ckpt)
+    if models is not None and config.model not in models:
+        raise ValueError(f"checkpoint {path} holds model {config.model!r}; this needs one of: {', '.join(models)}")
+    model = _build_model(config).to(resolve_device(device))
+    _load_weights(model, ckpt["model_state"], Path(path), config.model)
+    return model.eval(), config, ckpt
+
+
 def evaluate_checkpoint(path: str, data_root: str | None = None, device: str | None = None,
                         batch_size: int = 500, progress: bool = False) -> dict:
-    """Test accuracy of a checkpoint written by :func:`train`, with the inputs it was trained on."""
+    """Test accuracy of a checkpoint written by :func:`train`, with the inputs it was trained on
+    (on the whole test set of ``data_root``, default the run's own)."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    ckpt = load_checkpoint(path)
-    config = replace(_saved_config(ckpt), eval_batch_size=batch_size)
-    dev = resolve_device(device)
-    model = _build_model(config).to(dev)
-    _load_weights(model, ckpt["model_state"], Path(path), config.model)
+    model, config, ckpt = load_model(path, device)
+    config = replace(config, eval_batch_size=batch_size)
     data = load_cifar10(data_root if data_root is not None else config.data_root)
-    result = _evaluate(model, data.test_images, data.test_labels, config, dev, Ranks(dev), _SolverWatch(model), progress)
+    result = evaluate(model, data.test_images, data.test_labels, config, progress=progress)
     return {"model": config.model, "epoch": ckpt["epoch"], "test_acc": result["acc"], "test_loss": result["loss"],
             "nfe_forward": result["nfe_forward"], "data": data.source}

@@ -1,0 +1,174 @@
+"""What every experiment shares: its options, its trainings, its data, its figures and ``result.json``.
+
+An experiment is a module with ``HELP`` (one line), ``add_arguments(parser)``
+and ``run(exp: Experiment, args) -> dict``; :class:`Experiment` gives it the
+run's folder, the classifiers it needs (trained with :func:`dcn_fast.train.train`,
+reused or resumed when the command is run again), the data and the figure
+writer, and ``run``'s dict becomes ``result.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..data import CIFAR10, load_cifar10
+from ..functional import BACKENDS
+from ..ode import GRADIENTS
+from ..plot import pyplot, save_figure
+from ..runfiles import write_json
+from ..train import TrainConfig, eval_split, load_model, train
+
+__all__ = ["QUICK_TRAINING", "TRAINING_OPTIONS", "Experiment", "add_common_arguments", "mean_std", "pyplot",
+           "positive_float"]
+
+#: What ``--quick`` trains with: the shipped sample, a few steps, loose tolerances
+#: (each --quick experiment runs in about a minute on 2 CPU cores; its numbers show
+#: the pipeline, not the paper's accuracy).
+QUICK_TRAINING = {"images_per_class": 8, "test_images_per_class": 10, "epochs": 1, "batch_size": 20,
+                  "rtol": 0.1, "atol": 0.1, "gradient": "backprop"}
+
+#: TrainConfig settings an experiment's command line can override for the trainings it runs.
+TRAINING_OPTIONS = ("epochs", "batch_size", "lr", "gradient", "rtol", "atol", "backend", "amp",
+                    "test_images_per_class")
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options of every ``dcn-fast experiment NAME``."""
+    parser.add_argument("--out", help=f"output folder (default: runs/{name}-<date>-<time>); running the same "
+                                      "command again reuses its finished trainings and resumes unfinished ones")
+    parser.add_argument("--quick", action="store_true",
+                        help="the shipped sample, small sizes, a few training steps (about a minute on 2 CPU cores)")
+    parser.add_argument("--data-root", help="CIFAR-10: torchvision folder, JPEG tree or .tar.xz "
+                                            "(default: the sample shipped in the package)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    training = parser.add_argument_group("training (of the models the experiment trains; default: the paper's "
+                                         "protocol, or --quick's)")
+    training.add_argument("--epochs", type=_positive_int, help="epochs of every training")
+    training.add_argument("--batch-size", type=_positive_int, help="batch size")
+    training.add_argument("--lr", type=positive_float, help="initial learning rate")
+    training.add_argument("--gradient", choices=GRADIENTS, help="how ODE solves are differentiated")
+    training.add_argument("--rtol", type=positive_float, help="solver relative tolerance")
+    training.add_argument("--atol", type=positive_float, help="solver absolute tolerance")
+    training.add_argument("--backend", choices=BACKENDS, help="SRF backend")
+    training.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
+    training.add_argument("--test-images-per-class", type=_positive_int,
+                          help="test images per class evaluated (default: all; --quick: 10)")
+
+
+def mean_std(values: list[float]) -> dict:
+    """``{"mean", "std", "n"}``; std is the sample standard deviation (0 for one value)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+@dataclass
+class Experiment:
+    """One run of an experiment: where it writes, how it trains, what it has written."""
+
+    name: str
+    out: Path
+    quick: bool = False
+    data_root: str | None = None
+    device: str | None = None
+    progress: bool = True
+    training: dict = field(default_factory=dict)  # TrainConfig overrides from the command line
+    log: Callable[[str], None] = print
+    figures: list[str] = field(default_factory=list)
+    _data: CIFAR10 | None = None
+
+    @classmethod
+    def from_args(cls, name: str, args: argparse.Namespace, log: Callable[[str], None] = print) -> Experiment:
+        out = Path(args.out or time.strftime(f"runs/{name}-%Y%m%d-%H%M%S"))
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; give a folder for the experiment's outputs")
+        training = {k: getattr(args, k) for k in TRAINING_OPTIONS if getattr(args, k, None) is not None}
+        return cls(name, out, quick=args.quick, data_root=args.data_root, device=args.device,
+                   progress=not args.no_progress, training=training, log=log)
+
+    # -- data --------------------------------------------------------------------------------
+    @property
+    def data(self) -> CIFAR10:
+        if self._data is None:
+            self._data = load_cifar10(self.data_root)
+        return self._data
+
+    def test_set(self, config: TrainConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test images and labels the experiment evaluates on (``--quick``: 10 per class)."""
+        return eval_split(self.data, replace(config or TrainConfig(), **self._test_subset()))
+
+    def _test_subset(self) -> dict:
+        n = self.training.get("test_images_per_class", QUICK_TRAINING["test_images_per_class"] if self.quick else None)
+        return {"test_images_per_class": n}
+
+    # -- trainings ---------------------------------------------------------------------------
+    def config(self, model: str, out: Path, **settings) -> TrainConfig:
+        """The TrainConfig of one training: the paper's protocol (or ``--quick``'s), then
+        ``settings`` (the experiment's, e.g. images_per_class), then the command line's."""
+        base = QUICK_TRAINING if self.quick else {}
+        merged = {**base, **settings, **self.training, **self._test_subset()}
+        return TrainConfig(model=model, data_root=self.data_root, device=self.device, out=str(out), **merged)
+
+    def train(self, model: str, run: str | None = None, **settings) -> dict:
+        """Train ``model`` into ``out/runs/<run>`` (default ``<model>``) and return its summary.
+
+        A finished run in that folder is reused and an unfinished one resumed,
+        so an interrupted experiment loses at most one epoch of one training.
+        """
+        folder = self.out / "runs" / (run or model)
+        if (folder / "last.pt").exists():
+            config = TrainConfig.from_run(str(folder))
+            self.log(f"[{self.name}] {folder}: reusing the run there")
+        else:
+            config = self.config(model, folder, **settings)
+        return train(config, progress=self.progress, log=self.log)
+
+    def classifier(self, model: str, checkpoint: str | None = None,
+                   accepted: tuple[str, ...] | None = None) -> tuple[torch.nn.Module, TrainConfig]:
+        """A trained ``model`` in eval mode: from ``checkpoint`` when given (its model must be
+        one of ``accepted``), else trained first (:meth:`train`)."""
+        path = checkpoint or self.train(model)["checkpoint"]
+        net, config, _ = load_model(path, self.device, accepted)
+        return net, config
+
+    # -- outputs -----------------------------------------------------------------------------
+    def figure(self, fig, name: str) -> Path:
+        """Save a matplotlib figure as ``out/<name>.png`` (small: 100 dpi) and close it."""
+        path = save_figure(fig, self.out / f"{name}.png")
+        self.figures.append(path.name)
+        return path
+
+    def finish(self, result: dict, args: argparse.Namespace) -> dict:
+        """Write ``result.json`` (the experiment, its settings, its figures and ``result``) and say where."""
+        settings = {k: v for k, v in vars(args).items() if k not in ("run", "command", "experiment")
+                    and not callable(v)}
+        record = {"experiment": self.name, "quick": self.quick, "settings": settings,
+                  "figures": list(self.figures), **result}
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(json.loads(json.dumps(record, default=str)), self.out / "result.json")
+        self.log(f"[{self.name}] result: {self.out / 'result.json'}")
+        for name in self.figures:
+            self.log(f"[{self.name}] figure: {self.out / name}")
+        return record

@@ -1,0 +1,11 @@
+"""PLACEHOLDER: being written (issue 11); replaced before merge."""
+
+HELP = "(being written)"
+
+
+def add_arguments(parser) -> None:
+    pass
+
+
+def run(exp, args) -> dict:
+    raise NotImplementedError("completion is being written")
