@@ -200,3 +200,27 @@ def test_sigma_t_below_min_scale_anywhere_on_the_interval_is_refused(kind, inter
             conv.scale_t.fill_(-2 * square * 0.3)  # vertex at s = 0.3, inside [-0.25, 1.25]
     with pytest.raises(ValueError, match="scale too small"):
         conv(torch.tensor(1.0), torch.randn(1, 2, 5, 5))
+
+
+@pytest.mark.parametrize("kind", ["srf", "sigma_t"])
+def test_trajectory_ends_at_the_forward_output(kind):
+    """h(t) on a grid in one solve: h(0) is the input, h(T) the forward's output, NFE counted."""
+    block = ODEBlock(ODEFunc(4, kind), T=1.5, rtol=1e-4, atol=1e-4).double()
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        out = block(x)
+        times = torch.linspace(0, 1.5, 7)
+        path = block.trajectory(x, times)
+    assert path.shape == (7, 2, 4, 9, 9)
+    assert torch.equal(path[0], x)
+    assert torch.allclose(path[-1], out, rtol=1e-12, atol=1e-12)
+    assert block.nfe_forward > 0
+    # Interior points lie between: neither the start nor the end.
+    assert (path[3] - x).abs().max() > 0 and (path[3] - out).abs().max() > 0
+
+
+@pytest.mark.parametrize("times", [[0.5, 1.0], [0.0, 1.0, 0.5], [0.0, 2.0], [0.0]])
+def test_trajectory_refuses_times_outside_the_interval(times):
+    block = ODEBlock(ODEFunc(4), T=1.0)
+    with pytest.raises(ValueError, match="times must increase from 0 to at most T=1.0"):
+        block.trajectory(torch.randn(1, 4, 5, 5), torch.tensor(times))

@@ -1,6 +1,7 @@
 """Data loading, augmentation, training, checkpoint/resume, DDP and the CLI."""
 
 import json
+from dataclasses import replace
 import os
 import pickle
 import subprocess
@@ -15,7 +16,9 @@ from dcn_fast import cli
 from dcn_fast import train as train_module
 from dcn_fast.runfiles import load_checkpoint, save_checkpoint, write_json
 from dcn_fast.data import CLASSES, augment, load_cifar10, per_class_subset, sample_archive, to_inputs
-from dcn_fast.train import TrainConfig, default_epochs, evaluate_checkpoint, lr_at, train
+from dcn_fast.models import build
+from dcn_fast.train import (TrainConfig, default_epochs, eval_split, evaluate, evaluate_checkpoint, load_model,
+                            lr_at, train)
 
 
 @pytest.fixture(autouse=True)
@@ -296,6 +299,7 @@ def test_learning_rate_schedules():
         ({"T": 0.0}, "--T must be a finite number > 0"),
         ({"T": float("nan")}, "--T must be a finite number > 0"),
         ({"model": "resnet-blocks", "T": 2.0}, "--T sets the end time of ODE blocks; resnet-blocks has none"),
+        ({"test_images_per_class": 0}, "--test-images-per-class must be in 1..1000"),
     ],
 )
 def test_settings_out_of_range_are_refused(setting, message, tmp_path):
@@ -349,3 +353,38 @@ def test_model_options_and_gradient_mode_reach_the_model(tmp_path):
     assert [(b.T, b.gradient, b.replay) for b in model.ode_blocks()] == [(2.0, "checkpoint", "stage")] * 3
     assert any(isinstance(m, torch.nn.CELU) for m in model.modules())
     assert not any(isinstance(m, torch.nn.ReLU) for m in model.modules())
+
+
+def test_test_images_per_class_evaluates_a_fixed_subset(tmp_path):
+    """The run evaluates n test images of each class (the same for every seed); eval takes the whole set."""
+    summary = train(small_config(tmp_path, epochs=1, test_images_per_class=7), progress=False, log=lambda *_: None)
+    acc = summary["best_test_acc"]
+    assert round(acc * 70) == pytest.approx(acc * 70, abs=1e-9)
+    model, config, _ = load_model(tmp_path / "run" / "best.pt")
+    images, labels = eval_split(load_cifar10(None), config)
+    assert torch.bincount(labels).tolist() == [7] * 10
+    assert evaluate(model, images, labels, config)["acc"] == pytest.approx(acc)
+    other = eval_split(load_cifar10(None), replace(config, seed=5))[1]
+    assert torch.equal(other, labels)
+
+
+def test_evaluate_applies_the_transform_and_counts_nfe():
+    data = load_cifar10(None)
+    images, labels = data.test_images[:40], data.test_labels[:40]
+    torch.manual_seed(0)
+    model = build("odenet", rtol=0.1, atol=0.1).eval()
+    config = TrainConfig(model="odenet", eval_batch_size=16)
+    plain = evaluate(model, images, labels, config)
+    assert evaluate(model, images, labels, config, transform=lambda x: x) == plain
+    flipped = evaluate(model, images, labels, config, transform=lambda x: x.flip(-1))
+    assert flipped["loss"] != plain["loss"]
+    # Three batches (16, 16, 8): the mean NFE is at most the largest, and both count all three blocks.
+    assert 3 * 2 <= plain["nfe_forward_mean"] <= plain["nfe_forward"]
+
+
+def test_load_model_refuses_a_model_not_accepted(tmp_path):
+    train(small_config(tmp_path, epochs=1), progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match="holds model 'resnet-srf-blocks'; this needs one of: dcn-ode, odenet"):
+        load_model(tmp_path / "run" / "last.pt", models=("dcn-ode", "odenet"))
+    model, config, ckpt = load_model(tmp_path / "run" / "last.pt", models=("resnet-srf-blocks",))
+    assert not model.training and config.model == "resnet-srf-blocks" and ckpt["epoch"] == 1
