@@ -38,7 +38,7 @@ from .modules import SRFConv2d
 from .checkpoint import REPLAYS
 from .ode import GRADIENTS, ODEBlock
 
-__all__ = ["TrainConfig", "train", "evaluate", "evaluate_checkpoint", "load_model", "eval_split", "default_epochs", "lr_at", "SAMPLE_DEFAULTS"]
+__all__ = ["TrainConfig", "train", "evaluate", "evaluate_checkpoint", "load_model", "eval_split", "weights_checkpoint", "default_epochs", "lr_at", "SAMPLE_DEFAULTS"]
 
 #: ``dcn-fast train`` without ``--data-root``: a short DCN-ODE run on the shipped
 #: sample, sized for about 4 minutes of 2 CPU cores (README, Quick start: it
@@ -475,12 +475,10 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
         out = Path(config.out)
         ckpt = _resume_point(config, out, log, ranks.main)
         run = _setup(config, ckpt, device, ranks)
-        if ranks.main:
-            out.mkdir(parents=True, exist_ok=True)  # only now: bad settings or data leave no folder behind
-            if ckpt is not None:
-                # The checkpoint is the record: a kill after it was written but before its
-                # metrics line was appended would otherwise lose that line for good.
-                write_metrics(run.history, out / "metrics.jsonl")
+        if ranks.main and ckpt is not None:
+            # The checkpoint is the record: a kill after it was written but before its
+            # metrics line was appended would otherwise lose that line for good.
+            write_metrics(run.history, out / "metrics.jsonl")
         n_train = run.train_images.shape[0]
         if run.start_epoch >= run.epochs:
             if ranks.main:
@@ -533,6 +531,9 @@ def _run_epoch(run: _Run, epoch: int, progress: bool, log) -> None:
     if not run.ranks.main:
         return
     state = _checkpoint_state(run, epoch + 1)
+    # The folder comes with the first checkpoint: bad settings or data, or a run that
+    # stops within its first epoch, leave none behind.
+    run.out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(state, run.out / "last.pt")
     if is_best:
         save_checkpoint(state, run.out / "best.pt")
@@ -558,6 +559,13 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     model = _build_model(config).to(resolve_device(device))
     _load_weights(model, ckpt["model_state"], Path(path), config.model)
     return model.eval(), config, ckpt
+
+
+def weights_checkpoint(state: dict, config: TrainConfig) -> dict:
+    """A checkpoint of weights trained elsewhere (no optimizer, no history, epoch 0) that
+    :func:`load_model`, ``dcn-fast eval`` and the experiments' ``--checkpoint`` read like a run's."""
+    return {"format": CHECKPOINT_FORMAT, "config": asdict(config), "epoch": 0, "epochs": config.epochs or 0,
+            "model_state": state, "optimizer_state": {}, "best": None, "history": []}
 
 
 def evaluate_checkpoint(path: str, data_root: str | None = None, device: str | None = None,

@@ -270,3 +270,12 @@ def test_resume_cannot_change_the_model(tmp_path, capsys):
     capsys.readouterr()
     err = one_line_error(capsys, ["train", "--resume", "--out", str(out), "--model", "resnet-blocks"])
     assert "holds model 'resnet-srf-blocks', not 'resnet-blocks'" in err
+
+
+def test_a_run_stopped_in_its_first_epoch_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    real = train_module.to_inputs
+    monkeypatch.setattr(train_module, "to_inputs", lambda images, standardize=False: real(images, standardize) * float("nan"))
+    out = tmp_path / "run"
+    err = one_line_error(capsys, ["train", *SMALL, "--epochs", "2", "--out", str(out)])
+    assert "training loss is nan at epoch 1, step 1 of 2: stopped; no checkpoint was written" in err
+    assert not out.exists()

@@ -6,6 +6,7 @@ the same outputs as the official forward.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -15,9 +16,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from published import OfficialSrfInd, official_model  # noqa: E402
 
-from dcn_fast import SRFConv2d  # noqa: E402
+from dcn_fast import SRFConv2d, cli  # noqa: E402
 from dcn_fast.convert import convert_state_dict, load_official, main  # noqa: E402
+from dcn_fast.data import load_cifar10, to_inputs  # noqa: E402
 from dcn_fast.models import MODELS, build  # noqa: E402
+from dcn_fast.train import load_model  # noqa: E402
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -62,10 +65,34 @@ def test_cli_converts_an_official_checkpoint(tmp_path, capsys):
     torch.save({"state_dict": official.state_dict(), "args": argparse.Namespace(lr=0.1, tol=1e-3)}, path)
     out = tmp_path / "dcn-ode.pt"
     assert main([str(path), str(out), "--model", "dcn-ode"]) == 0
-    model = build("dcn-ode")
-    model.load_state_dict(torch.load(out, weights_only=True))
+    model, config, _ = load_model(out)
     torch.testing.assert_close(model.stage2.func.conv2.layer.alpha, official[5].odefunc.conv2._layer.alphas)
-    assert "wrote" in capsys.readouterr().out
+    assert config.model == "dcn-ode" and "wrote" in capsys.readouterr().out
+
+
+def test_dcn_fast_eval_reads_a_converted_checkpoint(tmp_path, capsys):
+    """The converted file is a checkpoint: dcn-fast eval gives the official model's accuracy."""
+    torch.manual_seed(0)
+    official = official_model("resnet-blocks").eval()
+    path = tmp_path / "model_seed_2.pth"
+    torch.save({"state_dict": official.state_dict()}, path)
+    assert main([str(path), str(tmp_path / "resnet.pt"), "--model", "resnet-blocks"]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "resnet.pt"), "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    data = load_cifar10(None)
+    with torch.no_grad():
+        expected = float((official(to_inputs(data.test_images)).argmax(1) == data.test_labels).double().mean())
+    assert result["model"] == "resnet-blocks" and result["test_acc"] == pytest.approx(expected)
+
+
+def test_converted_official_odenet_keeps_its_end_time(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "model_seed_1.pth"
+    torch.save({"state_dict": official_model("odenet").state_dict()}, path)
+    assert main([str(path), str(tmp_path / "odenet.pt"), "--model", "odenet"]) == 0
+    model, config, _ = load_model(tmp_path / "odenet.pt")
+    assert config.T == 2.0 and {b.T for b in model.ode_blocks()} == {2.0}
 
 
 class _Payload:
@@ -100,7 +127,7 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert main([str(path), str(out), "--model", "resnet-blocks"]) == 2
     assert "exists; pass --force" in capsys.readouterr().err and out.read_bytes() == b"keep me"
     assert main([str(path), str(out), "--model", "resnet-blocks", "--force"]) == 0
-    assert load_official(out).keys() == build("resnet-blocks").state_dict().keys()
+    assert load_model(out)[0].state_dict().keys() == build("resnet-blocks").state_dict().keys()
 
 
 @pytest.mark.parametrize("args", [["--model", "dcn"], []])

@@ -49,11 +49,11 @@ def test_torchvision_layout(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": list(range(4))}
+        batch = {"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8), "labels": list(range(10))}
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
     data = load_cifar10(tmp_path)
-    assert data.train_images.shape == (20, 3, 32, 32) and data.test_images.shape == (4, 3, 32, 32)
+    assert data.train_images.shape == (50, 3, 32, 32) and data.test_images.shape == (10, 3, 32, 32)
     with open(folder / "test_batch", "rb") as f:
         first = np.asarray(pickle.load(f)["data"][0]).reshape(3, 32, 32)
     assert torch.equal(data.test_images[0], torch.from_numpy(first))
@@ -228,10 +228,20 @@ def test_jpeg_tree_cache_follows_deleted_images_and_class_folders(tmp_path):
         for image in folder.iterdir():
             image.unlink()
         folder.rmdir()
+    with pytest.raises(ValueError, match="has no train images of class truck: every class of CIFAR-10 needs"):
+        load_cifar10(tree)
+    (tree / "train" / "truck").mkdir()
+    (tree / "test" / "truck").mkdir()
+    for i, image in enumerate(sorted((tree / "train" / "ship").iterdir())[:3]):
+        image.rename(tree / "train" / "truck" / f"x{i}.jpg")
+    with pytest.raises(ValueError, match="has no test images of class truck"):
+        load_cifar10(tree)
+    for i, image in enumerate(sorted((tree / "test" / "ship").iterdir())[:2]):
+        image.rename(tree / "test" / "truck" / f"x{i}.jpg")
     after = load_cifar10(tree)
     assert before.train_images.shape[0] == 2000
     assert after.train_images.shape[0] == 2000 - 200 - 5 and after.test_images.shape[0] == 450
-    assert CLASSES.index("truck") not in after.train_labels.tolist()
+    assert after.train_labels.bincount()[CLASSES.index("truck")] == 3
 
 
 def test_torchvision_batches_that_would_run_code_are_refused(tmp_path):

@@ -208,7 +208,8 @@ def load_cifar10(root: str | os.PathLike | None = None, *, download: bool = Fals
     Raises:
         FileNotFoundError: naming what was looked for, if ``root`` holds no CIFAR-10.
         ValueError: if the files found are not readable CIFAR-10 (a truncated or
-            corrupted archive, an image that does not decode, a foreign pickle).
+            corrupted archive, an image that does not decode, a foreign pickle) or
+            a split lacks a class.
     """
     if root is None:
         kind, path = "jpeg", sample_archive()
@@ -230,6 +231,13 @@ def load_cifar10(root: str | os.PathLike | None = None, *, download: bool = Fals
             )
         kind, path = found
     arrays = _load_jpeg(path) if kind == "jpeg" else _load_pickles(path)
+    for split in ("train", "test"):
+        # A 10-way classifier trained or tested without a class gives numbers that look
+        # plausible and mean something else: refuse rather than train silently.
+        missing = [CLASSES[c] for c in range(len(CLASSES)) if not (arrays[f"{split}_labels"] == c).any()]
+        if missing:
+            raise ValueError(f"{path} has no {split} images of class{'es' if len(missing) > 1 else ''} "
+                             f"{', '.join(missing)}: every class of CIFAR-10 needs images in {split}/<class>/")
     tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
     return CIFAR10(**tensors, source=str(path))
 
