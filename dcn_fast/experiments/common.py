@@ -47,15 +47,10 @@ def positive_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     """The options of every ``dcn-fast experiment NAME``."""
+    from ..cli import _positive_int  # the CLI's own check (imported here: the CLI imports this module)
+
     parser.add_argument("--out", help=f"output folder (default: runs/{name}-<date>-<time>); running the same "
                                       "command again reuses its finished trainings and resumes unfinished ones")
     parser.add_argument("--quick", action="store_true",
