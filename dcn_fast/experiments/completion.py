@@ -47,7 +47,7 @@ from ..data import to_inputs
 from ..models import MODELS, Classifier
 from ..ode import ODEBlock
 from ..train import TrainConfig, evaluate, load_model
-from .common import Experiment, mean_std, pyplot
+from .common import Experiment, pyplot
 
 HELP = "Fig. 3c, 4, A.2, A.3: accuracy against a zeroed centre patch, and D(t) inside each block"
 
@@ -124,11 +124,6 @@ class BlockStates(NamedTuple):
     nfe: int  # ODE function evaluations of the solve (0 for a residual block)
 
 
-def _stages(model: Classifier) -> list[tuple[str, torch.nn.Module, torch.nn.Module | None]]:
-    return [("stage1", model.stage1, model.down1), ("stage2", model.stage2, model.down2),
-            ("stage3", model.stage3, None)]
-
-
 @torch.no_grad()
 def block_states(model: Classifier, x: torch.Tensor, points: int) -> list[BlockStates]:
     """Each block's h(t) for inputs ``x``, block by block: an ODE block on ``points`` even
@@ -136,7 +131,8 @@ def block_states(model: Classifier, x: torch.Tensor, points: int) -> list[BlockS
     input is block k−1's last state through the downsampling, so the chain is the forward."""
     h = model.stem(x)
     blocks = []
-    for name, stage, down in _stages(model):
+    for name, stage, down in (("stage1", model.stage1, model.down1), ("stage2", model.stage2, model.down2),
+                              ("stage3", model.stage3, None)):
         if isinstance(stage, ODEBlock):
             times = torch.linspace(0.0, stage.T, points, dtype=h.dtype, device=h.device)
             states, nfe = stage.trajectory(h, times), stage.nfe_forward
@@ -267,7 +263,9 @@ def _plot_accuracy(exp: Experiment, accuracy: list[dict], names: list[str]) -> N
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for i, name in enumerate(names):
         mine = [a for a in accuracy if a["model"] == name]
-        ax.plot([a["mask"] for a in mine], [100 * a["acc"] for a in mine], marker="o", color=f"C{i}", label=name)
+        # Markers shrinking from model to model keep lines that coincide (as at --quick's chance level) visible.
+        ax.plot([a["mask"] for a in mine], [100 * a["acc"] for a in mine], marker="osD^v"[i % 5],
+                markersize=max(9 - 2 * i, 3), linestyle=("-", "--", ":")[i % 3], color=f"C{i}", label=name)
     ax.set_xlabel("side n of the zeroed centre patch (0: none)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Pattern completion: accuracy" + _quick_note(exp), fontsize=9)
