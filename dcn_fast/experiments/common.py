@@ -104,7 +104,8 @@ def mean_std(values: list[float]) -> dict:
 @dataclass
 class Studied:
     """A trained classifier an experiment studies: its model name, checkpoint, the model
-    (eval mode) with its TrainConfig, and the label its figures give it."""
+    (eval mode) with its TrainConfig, and the label its figures give it (the model's name,
+    with its 1-based place among the checkpoints where two hold the same model)."""
 
     model: str
     checkpoint: str
@@ -205,8 +206,8 @@ class Experiment:
                                  f"{needs}: {', '.join(accepted)}")
             loaded.append(Studied(config.model, str(path), net, config))
         names = [s.model for s in loaded]
-        for s in loaded:  # two checkpoints of one model are told apart by their run folders
-            s.label = s.model if names.count(s.model) == 1 else f"{s.model} ({Path(s.checkpoint).parent.name})"
+        for i, s in enumerate(loaded, 1):  # two checkpoints of one model are told apart by their place in the list
+            s.label = s.model if names.count(s.model) == 1 else f"{s.model} [{i}]"
         return loaded
 
     # -- outputs -----------------------------------------------------------------------------
