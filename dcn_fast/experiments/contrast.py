@@ -71,12 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(exp: Experiment, args: argparse.Namespace) -> dict:
-    contrasts = args.contrasts or (QUICK if exp.quick else DEFAULTS)["contrasts"]
+    defaults = QUICK if exp.quick else DEFAULTS
+    contrasts = args.contrasts or defaults["contrasts"]
     for c in contrasts:
         if not (math.isfinite(c) and c > 0):
             raise ValueError(f"--contrasts must be finite numbers > 0, got {c}")
     contrasts = sorted(set(contrasts))
-    studied = exp.studied(args, (QUICK if exp.quick else DEFAULTS)["models"], ODE_MODELS, "with ODE blocks")
+    studied = exp.studied(args, defaults["models"], ODE_MODELS, "with ODE blocks")
     # --quick tests on the 2 images per class its trainings were tested on (QUICK_STUDIED).
     images, labels = exp.test_set(quick_per_class=QUICK_STUDIED["test_images_per_class"])
     results = []
@@ -89,26 +90,27 @@ def run(exp: Experiment, args: argparse.Namespace) -> dict:
         _log_table(exp, s.label, contrasts, curves)
     _plot(exp, contrasts, results, args.robust_blocks)
     return {"contrasts": contrasts, "robust_blocks": args.robust_blocks, "eval_batch_size": EVAL_BATCH_SIZE,
-            "test_images": int(len(labels)), "paper": PAPER, "models": results}
+            "test_images": len(labels), "paper": PAPER, "models": results}
 
 
 @contextmanager
 def robust_integration(model: torch.nn.Module, c: float, blocks: str = "first"):
-    """Within the scope, the first ODE block (``blocks="all"``: every block) of ``model``
-    integrates to c·T, and each block after the first gets its input multiplied by c.
-    Every T is restored on leaving, also on an error."""
+    """Within the scope, the first ODE block of ``model`` integrates to c·T (``blocks="all"``:
+    every block, those after the first with their input multiplied by c). Every T is
+    restored, and every hook removed, on leaving, also on an error."""
     if blocks not in ROBUST_BLOCKS:
         raise ValueError(f"blocks must be one of {', '.join(ROBUST_BLOCKS)}, got {blocks!r}")
     ode = model.ode_blocks()
     chosen = ode[:1] if blocks == "first" else ode
     saved = [block.T for block in chosen]
-    # Block 1's input is c·x already (the stem is linear up to its bias); later blocks follow a
-    # GroupNorm, which undid c, so they get it back explicitly.
-    hooks = [block.register_forward_pre_hook(lambda module, inputs: (inputs[0] * c, *inputs[1:]))
-             for block in chosen[1:]]
+    # Block 1's input is c·x already (the stem is linear up to its bias); a later block's input
+    # comes from a downsampling that starts with a GroupNorm, which undid c: it gets c back here.
+    hooks = []
     try:
         for block, T in zip(chosen, saved):
             block.T = T * c
+        for block in chosen[1:]:
+            hooks.append(block.register_forward_pre_hook(lambda module, inputs: (inputs[0] * c, *inputs[1:])))
         yield
     finally:
         for block, T in zip(chosen, saved):
