@@ -7,19 +7,19 @@ contrast_ode_net.py of ntomen/Deep-Continuous-Networks): every test image, in
 ODE block set to c·T ("robust" integration: the ODE function starts with a
 GroupNorm, so f(t, c·h) = f(t, h) up to its ε, and c·h(t/c) solves the
 block's equation up to the time channel, which sees t instead of t/c; the
-GroupNorm after block 1 removes the factor c again). Each model comes from its own checkpoint
-(the official DCN-ODE and ODE-Net). Test batches of 1000, as there.
+GroupNorm after block 1 removes the factor c again). Each model comes from
+its own checkpoint (there: the official DCN-ODE and ODE-Net); the whole test
+set in batches of 1000, as there (their ``drop_last`` drops nothing).
 
 Where this command differs from the official scripts, and why:
 
 - it also evaluates the naive curve (block 1 integrated to T, the input at
-  contrast c), the baseline Fig. 5 draws, and adds c = 1 to the list (the
-  unchanged input, which the official list does not contain) so every curve
-  has its reference point;
+  contrast c), the baseline the robust curve is compared with, and adds
+  c = 1 to the list (the unchanged input, which the official list lacks) so
+  every curve has its reference point;
 - NFE is the forward evaluations of all ODE blocks, mean per test batch (the
   paper's "total NFE"), and per block (the official scripts count block 1
-  only: ``nfe_blocks[0]`` here); accuracy is on the whole test set (the
-  official loaders drop no test image either: 10 000 is a multiple of 1000);
+  only: ``nfe_blocks[0]`` here);
 - ``--robust-blocks all`` (not in the official code) also scales the input
   of every later block by c and integrates it to c·T (each is followed by a
   GroupNorm too), the NFE-saving variant DESIGN.md §4 names.
