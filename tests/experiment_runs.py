@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from dcn_fast.cli import main
+from dcn_fast.train import TrainConfig, train
 
 
 def run_quick(name: str, out: Path, *extra: str) -> dict:
@@ -37,3 +38,11 @@ def run_error(name: str, capsys, *args: str) -> str:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"dcn-fast experiment {name}: error: "), err
     return err
+
+
+def tiny_checkpoint(model: str, out: Path) -> Path:
+    """``best.pt`` of ``model`` trained one step on one sample image per class: a checkpoint
+    to hand an experiment's ``--checkpoint`` (a model of the wrong kind, say)."""
+    train(TrainConfig(model=model, images_per_class=1, test_images_per_class=1, epochs=1, batch_size=10,
+                      rtol=0.1, atol=0.1, gradient="backprop", out=str(out)), progress=False, log=lambda *_: None)
+    return out / "best.pt"

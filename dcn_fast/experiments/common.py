@@ -26,14 +26,19 @@ from ..plot import pyplot, save_figure
 from ..runfiles import write_json
 from ..train import TrainConfig, eval_split, load_model, train
 
-__all__ = ["QUICK_TRAINING", "TRAINING_OPTIONS", "Experiment", "add_common_arguments", "mean_std", "pyplot",
-           "positive_float"]
+__all__ = ["QUICK_TRAINING", "QUICK_STUDIED", "TRAINING_OPTIONS", "Experiment", "Studied", "add_common_arguments",
+           "add_studied_arguments", "mean_std", "pyplot", "positive_float"]
 
 #: What ``--quick`` trains with: the shipped sample, a few steps, loose tolerances
 #: (each --quick experiment runs in about a minute on 2 CPU cores; its numbers show
 #: the pipeline, not the paper's accuracy).
 QUICK_TRAINING = {"images_per_class": 8, "test_images_per_class": 10, "epochs": 1, "batch_size": 20,
                   "rtol": 0.1, "atol": 0.1, "gradient": "backprop"}
+
+#: What ``--quick`` trains a model with when the experiment studies the trained model
+#: rather than its training (contrast, scales): on top of QUICK_TRAINING, one step on
+#: 2 images per class, tested on 2 per class; the pipeline is the point, not the weights.
+QUICK_STUDIED = {"images_per_class": 2, "test_images_per_class": 2}
 
 #: TrainConfig settings an experiment's command line can override for the trainings it runs.
 TRAINING_OPTIONS = ("epochs", "batch_size", "lr", "gradient", "rtol", "atol", "backend", "amp",
@@ -73,10 +78,35 @@ def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                           help="test images per class evaluated (default: all; --quick: 10)")
 
 
+def add_studied_arguments(parser: argparse.ArgumentParser, models: tuple[str, ...], defaults: list[str],
+                          needs: str) -> None:
+    """``--models`` and ``--checkpoint`` of an experiment that studies trained classifiers
+    (:meth:`Experiment.studied`); ``models`` are those it accepts, models ``needs`` says."""
+    parser.add_argument("--models", nargs="+", choices=models, metavar="MODEL",
+                        help=f"models to train (or reuse from OUT/runs/) and study (default: {' '.join(defaults)}; "
+                             f"models {needs}: {', '.join(models)})")
+    parser.add_argument("--checkpoint", nargs="+", metavar="PATH",
+                        help=f"study these trained models instead (best.pt or last.pt of dcn-fast train; each "
+                             f"checkpoint names its model, one {needs})")
+
+
 def mean_std(values: list[float]) -> dict:
     """``{"mean", "std", "n"}``; std is the sample standard deviation (0 for one value)."""
     t = torch.tensor(values, dtype=torch.float64)
     return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+@dataclass
+class Studied:
+    """A trained classifier an experiment studies: its model name, checkpoint, the model
+    (eval mode) with its TrainConfig, and the label its figures give it (the model's name,
+    with its 1-based place among the checkpoints where two hold the same model)."""
+
+    model: str
+    checkpoint: str
+    net: torch.nn.Module
+    config: TrainConfig
+    label: str = ""
 
 
 @dataclass
@@ -110,12 +140,15 @@ class Experiment:
             self._data = load_cifar10(self.data_root)
         return self._data
 
-    def test_set(self, config: TrainConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The test images and labels the experiment evaluates on (``--quick``: 10 per class)."""
-        return eval_split(self.data, replace(config or TrainConfig(), **self._test_subset()))
+    def test_set(self, config: TrainConfig | None = None,
+                 quick_per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test images and labels the experiment evaluates on (``--quick``: 10 per class,
+        or ``quick_per_class``; ``--test-images-per-class`` wins over both)."""
+        return eval_split(self.data, replace(config or TrainConfig(), **self._test_subset(quick_per_class)))
 
-    def _test_subset(self) -> dict:
-        n = self.training.get("test_images_per_class", QUICK_TRAINING["test_images_per_class"] if self.quick else None)
+    def _test_subset(self, quick_per_class: int | None = None) -> dict:
+        quick = quick_per_class or QUICK_TRAINING["test_images_per_class"]
+        n = self.training.get("test_images_per_class", quick if self.quick else None)
         return {"test_images_per_class": n}
 
     # -- trainings ---------------------------------------------------------------------------
@@ -123,7 +156,8 @@ class Experiment:
         """The TrainConfig of one training: the paper's protocol (or ``--quick``'s), then
         ``settings`` (the experiment's, e.g. images_per_class), then the command line's."""
         base = QUICK_TRAINING if self.quick else {}
-        merged = {**base, **settings, **self.training, **self._test_subset()}
+        # The command line's test subset (in self.training) wins over the experiment's settings.
+        merged = {**base, **self._test_subset(), **settings, **self.training}
         return TrainConfig(model=model, data_root=self.data_root, device=self.device, out=str(out), **merged)
 
     def train(self, model: str, run: str | None = None, **settings) -> dict:
@@ -147,6 +181,29 @@ class Experiment:
         path = checkpoint or self.train(model)["checkpoint"]
         net, config, _ = load_model(path, self.device, accepted)
         return net, config
+
+    def studied(self, args: argparse.Namespace, defaults: list[str], accepted: tuple[str, ...],
+                needs: str) -> list[Studied]:
+        """The trained classifiers an experiment studies (options of :func:`add_studied_arguments`):
+        those of ``args.checkpoint``, else ``args.models`` (default ``defaults``) trained first
+        (``--quick``: :data:`QUICK_STUDIED`). All are loaded before any is studied, so a
+        checkpoint of a model not in ``accepted`` (models ``needs`` says) fails at once."""
+        if args.checkpoint and args.models:
+            raise ValueError("--models and --checkpoint exclude each other: give the models to train, "
+                             "or the checkpoints of trained ones")
+        settings = QUICK_STUDIED if self.quick else {}
+        paths = args.checkpoint or [self.train(m, **settings)["checkpoint"] for m in args.models or defaults]
+        loaded = []
+        for path in paths:
+            net, config, _ = load_model(path, self.device)
+            if config.model not in accepted:
+                raise ValueError(f"--checkpoint {path} holds model {config.model!r}; {self.name} needs a model "
+                                 f"{needs}: {', '.join(accepted)}")
+            loaded.append(Studied(config.model, str(path), net, config))
+        names = [s.model for s in loaded]
+        for i, s in enumerate(loaded, 1):  # two checkpoints of one model are told apart by their place in the list
+            s.label = s.model if names.count(s.model) == 1 else f"{s.model} [{i}]"
+        return loaded
 
     # -- outputs -----------------------------------------------------------------------------
     def figure(self, fig, name: str) -> Path:
