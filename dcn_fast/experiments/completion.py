@@ -46,15 +46,13 @@ import torch
 from ..data import to_inputs
 from ..models import MODELS, Classifier
 from ..ode import ODEBlock
-from ..train import TrainConfig, evaluate, load_model
-from .common import Experiment, pyplot
+from ..train import TrainConfig, evaluate
+from .common import QUICK_STUDIED, Experiment, add_studied_arguments, pyplot
 
 HELP = "Fig. 3c, 4, A.2, A.3: accuracy against a zeroed centre patch, and D(t) inside each block"
 
 DEFAULTS = {"models": ["dcn-ode", "odenet", "resnet-blocks"], "masks": [6, 8, 10, 12], "times": 21, "images": 1000}
-# --quick also evaluates 1 test image per class instead of 10 (each evaluation of an
-# ODE model costs seconds on 2 CPU cores whatever the batch size).
-QUICK = {"models": DEFAULTS["models"], "masks": [6, 12], "times": 5, "images": 4, "test_images_per_class": 1}
+QUICK = {"models": DEFAULTS["models"], "masks": [6, 12], "times": 5, "images": 4}
 
 MAX_TIMES = 1001  # a grid step of T/1000 is finer than any figure needs
 
@@ -65,12 +63,8 @@ TRAJECTORY_BATCH = 100
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), metavar="MODEL",
-                        help=f"models to compare (default: {' '.join(DEFAULTS['models'])}); with --checkpoint, "
-                             "the models the checkpoints may hold (default: any)")
-    parser.add_argument("--checkpoint", nargs="+", metavar="PATH",
-                        help="trained classifiers (best.pt or last.pt of dcn-fast train) instead of training; "
-                             "each checkpoint says which model it holds")
+    # Every model of the paper has three stages (ODE or residual blocks): all are accepted.
+    add_studied_arguments(parser, tuple(MODELS), DEFAULTS["models"], "with three stages")
     parser.add_argument("--masks", nargs="+", type=int, metavar="N",
                         help=f"side of the zeroed centre patch, 1..32 (default: "
                              f"{' '.join(map(str, DEFAULTS['masks']))}; --quick: {' '.join(map(str, QUICK['masks']))});"
@@ -150,8 +144,6 @@ def block_states(model: Classifier, x: torch.Tensor, points: int) -> list[BlockS
 def _settings(exp: Experiment, args: argparse.Namespace) -> dict:
     """The run's settings, checked before anything is trained or loaded."""
     defaults = QUICK if exp.quick else DEFAULTS
-    if exp.quick and args.test_images_per_class is None:
-        exp.training["test_images_per_class"] = QUICK["test_images_per_class"]
     size = min(exp.data.test_images.shape[-2:])
     masks = sorted(set(args.masks or defaults["masks"]))
     for n in masks:
@@ -161,25 +153,16 @@ def _settings(exp: Experiment, args: argparse.Namespace) -> dict:
     times = args.times if args.times is not None else defaults["times"]
     if not 2 <= times <= MAX_TIMES:
         raise ValueError(f"--times (points of the time grid of each block) must be in 2..{MAX_TIMES}, got {times}")
-    available = exp.test_set()[1].numel()
+    available = _test_set(exp)[1].numel()
     images = args.images if args.images is not None else min(defaults["images"], available)
     if not 1 <= images <= available:
         raise ValueError(f"--images must be in 1..{available} (the test images evaluated), got {images}")
     return {"masks": masks, "times": times, "images": images}
 
 
-def _classifiers(exp: Experiment, args: argparse.Namespace) -> list[tuple[str, Classifier, TrainConfig]]:
-    """(model name, model, its config) of each checkpoint, or of each model trained here."""
-    if not args.checkpoint:
-        return [(name, *exp.classifier(name)) for name in args.models or DEFAULTS["models"]]
-    found = []
-    for path in args.checkpoint:
-        net, config, _ = load_model(path, exp.device, tuple(args.models or MODELS))
-        if any(config.model == name for name, _, _ in found):
-            raise ValueError(f"--checkpoint: two checkpoints hold model {config.model!r} ({path} is the second); "
-                             "give one checkpoint per model")
-        found.append((config.model, net, config))
-    return found
+def _test_set(exp: Experiment) -> tuple[torch.Tensor, torch.Tensor]:
+    # --quick tests on the images per class its trainings were tested on (QUICK_STUDIED).
+    return exp.test_set(quick_per_class=QUICK_STUDIED["test_images_per_class"])
 
 
 def _differences(model: Classifier, config: TrainConfig, images: torch.Tensor, masks: list[int],
@@ -224,8 +207,10 @@ def _differences(model: Classifier, config: TrainConfig, images: torch.Tensor, m
 def run(exp: Experiment, args: argparse.Namespace) -> dict:
     settings = _settings(exp, args)
     masks, points = settings["masks"], settings["times"]
-    models = _classifiers(exp, args)
-    test_images, test_labels = exp.test_set()
+    defaults = QUICK if exp.quick else DEFAULTS
+    studied = exp.studied(args, defaults["models"], tuple(MODELS), "with three stages")
+    models = [(s.label, s.net, s.config) for s in studied]
+    test_images, test_labels = _test_set(exp)
     chosen = torch.randperm(test_labels.numel(), generator=torch.Generator().manual_seed(0))[: settings["images"]]
     accuracy, difference, maps = [], [], {}
     for name, model, config in models:
