@@ -41,10 +41,12 @@ HELP = "Table 3, Fig. A.1: test MSE of a decoder trained on a frozen classifier'
 #: Table 3 of the paper, reconstruction loss (unit: see docs/experiments/reconstruction.md).
 PAPER = {"dcn-ode": 17.1, "odenet": 20.2}
 
-DEFAULTS = {"models": ["dcn-ode", "odenet", "resnet-blocks"], "decoder_epochs": 50}
-#: --quick: the paper's two headline models; classifiers and decoders see 1 training image
-#: per class (one step per epoch), so the run stays near a minute on 2 CPU cores.
-QUICK = {"models": ["dcn-ode", "odenet"], "decoder_epochs": 2, "images_per_class": 1}
+#: The models of the official reconstruct_*.py scripts.
+MODELS_COMPARED = ["dcn-ode", "odenet", "resnet-blocks"]
+DEFAULTS = {"decoder_epochs": 50}
+#: --quick: classifiers and decoders see 1 training image per class (one step per epoch),
+#: so the run stays well within a minute on 2 CPU cores.
+QUICK = {"decoder_epochs": 2, "images_per_class": 1}
 
 #: Learning-rate drops (×0.1) of the decoder, as fractions of its epochs (official: epochs 25 and 40 of 50).
 LR_DROPS = (0.5, 0.8)
@@ -58,8 +60,7 @@ SHOWN = 8
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), metavar="MODEL",
-                        help=f"classifiers to train and decode (default: {' '.join(DEFAULTS['models'])}; "
-                             f"--quick: {' '.join(QUICK['models'])})")
+                        help=f"classifiers to train and decode (default: {' '.join(MODELS_COMPARED)})")
     parser.add_argument("--checkpoint", nargs="+", metavar="PATH",
                         help="trained classifiers (best.pt or last.pt of dcn-fast train) to use as encoders "
                              "instead of training; each one's saved model decides which model it is "
@@ -206,8 +207,8 @@ def run(exp: Experiment, args: argparse.Namespace) -> dict:
     # Load every checkpoint before training anything: a bad path fails at once.
     encoders = [load_model(path, exp.device) for path in args.checkpoint or []]
     paths = [str(Path(path).resolve()) for path in args.checkpoint or []]
-    subset = {"images_per_class": defaults["images_per_class"]} if exp.quick else {}
-    for model in ([] if args.checkpoint else args.models or defaults["models"]):
+    subset = {"images_per_class": QUICK["images_per_class"]} if exp.quick else {}
+    for model in ([] if args.checkpoint else args.models or MODELS_COMPARED):
         paths.append(exp.train(model, **subset)["checkpoint"])
         encoders.append(load_model(paths[-1], exp.device))
 
