@@ -164,10 +164,11 @@ def default_epochs(images_per_class: int | None) -> int:
     return 200
 
 
-def lr_at(config: TrainConfig, epoch: int, epochs: int) -> float:
-    """Learning rate of (0-based) ``epoch`` of ``epochs``: ×0.1 at each fraction of
-    :data:`LR_DROPS` (epochs 40 and 70 of 100; σ^ji 80, 140, 200 of 100), never at epoch 0."""
-    drops = LR_DROPS.get(config.model, LR_DROPS["default"])
+def lr_at(config: TrainConfig, epoch: int, epochs: int, drops: tuple[float, ...] | None = None) -> float:
+    """Learning rate of (0-based) ``epoch`` of ``epochs``: ×0.1 at each fraction of ``drops``
+    (default: the model's :data:`LR_DROPS`, epochs 40 and 70 of 100; σ^ji 80, 140, 200 of 100),
+    never at epoch 0."""
+    drops = drops or LR_DROPS.get(config.model, LR_DROPS["default"])
     return config.lr * 0.1 ** sum(epoch >= max(1, int(epochs * f)) for f in drops)
 
 
