@@ -119,7 +119,8 @@ def test_bad_input_is_one_line(quick, tmp_path, capsys):
     text.write_text("not a checkpoint")
     assert "--decoder-epochs must be in 1..10000, got 0" in run_error("reconstruction", capsys, "--decoder-epochs",
                                                                       "0", "--out", str(tmp_path / "a"))
-    assert "not both" in run_error("reconstruction", capsys, "--models", "odenet", "--checkpoint", str(text))
+    assert "--models and --checkpoint exclude each other" in run_error("reconstruction", capsys, "--models", "odenet",
+                                                                       "--checkpoint", str(text))
     assert "does not exist" in run_error("reconstruction", capsys, "--checkpoint", str(tmp_path / "none.pt"))
     assert "not a readable dcn_fast checkpoint" in run_error("reconstruction", capsys, "--checkpoint", str(text))
     # A decoder's checkpoint is no classifier.

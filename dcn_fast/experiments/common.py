@@ -99,14 +99,22 @@ def mean_std(values: list[float]) -> dict:
 @dataclass
 class Studied:
     """A trained classifier an experiment studies: its model name, checkpoint, the model
-    (eval mode) with its TrainConfig, and the label its figures give it (the model's name,
-    with its 1-based place among the checkpoints where two hold the same model)."""
+    (eval mode) with its TrainConfig, the epochs it was trained and its best test accuracy
+    (None for converted official weights), and the label its figures give it (the model's
+    name, with its 1-based place among the checkpoints where two hold the same model)."""
 
     model: str
     checkpoint: str
     net: torch.nn.Module
     config: TrainConfig
+    epoch: int = 0
+    best_acc: float | None = None
     label: str = ""
+
+    @property
+    def key(self) -> str:
+        """The label as a file name: ``odenet``, or ``odenet-2`` for ``odenet [2]``."""
+        return self.label.replace(" [", "-").rstrip("]")
 
 
 @dataclass
@@ -174,14 +182,6 @@ class Experiment:
             config = self.config(model, folder, **settings)
         return train(config, progress=self.progress, log=self.log)
 
-    def classifier(self, model: str, checkpoint: str | None = None,
-                   accepted: tuple[str, ...] | None = None) -> tuple[torch.nn.Module, TrainConfig]:
-        """A trained ``model`` in eval mode: from ``checkpoint`` when given (its model must be
-        one of ``accepted``), else trained first (:meth:`train`)."""
-        path = checkpoint or self.train(model)["checkpoint"]
-        net, config, _ = load_model(path, self.device, accepted)
-        return net, config
-
     def studied(self, args: argparse.Namespace, defaults: list[str], accepted: tuple[str, ...],
                 needs: str) -> list[Studied]:
         """The trained classifiers an experiment studies (options of :func:`add_studied_arguments`):
@@ -195,11 +195,12 @@ class Experiment:
         paths = args.checkpoint or [self.train(m, **settings)["checkpoint"] for m in args.models or defaults]
         loaded = []
         for path in paths:
-            net, config, _ = load_model(path, self.device)
+            net, config, ckpt = load_model(path, self.device)
             if config.model not in accepted:
                 raise ValueError(f"--checkpoint {path} holds model {config.model!r}; {self.name} needs a model "
                                  f"{needs}: {', '.join(accepted)}")
-            loaded.append(Studied(config.model, str(path), net, config))
+            loaded.append(Studied(config.model, str(Path(path).resolve()), net, config, ckpt["epoch"],
+                                  (ckpt["best"] or {}).get("acc")))
         names = [s.model for s in loaded]
         for i, s in enumerate(loaded, 1):  # two checkpoints of one model are told apart by their place in the list
             s.label = s.model if names.count(s.model) == 1 else f"{s.model} [{i}]"

@@ -33,8 +33,8 @@ from ..distributed import resolve_device
 from ..models import MODELS, Classifier, build
 from ..ode import ODEBlock, group_norm
 from ..runfiles import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
-from ..train import TrainConfig, _autocast, load_model, lr_at
-from .common import Experiment, pyplot
+from ..train import TrainConfig, _autocast, lr_at
+from .common import Experiment, add_studied_arguments, pyplot
 
 HELP = "Table 3, Fig. A.1: test MSE of a decoder trained on a frozen classifier's features"
 
@@ -44,8 +44,8 @@ PAPER = {"dcn-ode": 17.1, "odenet": 20.2}
 #: The models of the official reconstruct_*.py scripts.
 MODELS_COMPARED = ["dcn-ode", "odenet", "resnet-blocks"]
 DEFAULTS = {"decoder_epochs": 50}
-#: --quick: classifiers and decoders see 1 training image per class (one step per epoch),
-#: so the run stays well within a minute on 2 CPU cores.
+#: --quick: decoders see 1 training image per class (one step per epoch; the classifiers
+#: are --quick's studied ones, common.QUICK_STUDIED), so the run stays within a minute on 2 CPU cores.
 QUICK = {"decoder_epochs": 2, "images_per_class": 1}
 
 #: Learning-rate drops (×0.1) of the decoder, as fractions of its epochs (official: epochs 25 and 40 of 50).
@@ -59,12 +59,8 @@ SHOWN = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), metavar="MODEL",
-                        help=f"classifiers to train and decode (default: {' '.join(MODELS_COMPARED)})")
-    parser.add_argument("--checkpoint", nargs="+", metavar="PATH",
-                        help="trained classifiers (best.pt or last.pt of dcn-fast train) to use as encoders "
-                             "instead of training; each one's saved model decides which model it is "
-                             "(not together with --models)")
+    # Every model of the paper has a stage 3 to encode with.
+    add_studied_arguments(parser, tuple(MODELS), MODELS_COMPARED, "with three stages")
     parser.add_argument("--decoder-epochs", type=int, metavar="N",
                         help=f"epochs of every decoder training, 1..10000 (default: {DEFAULTS['decoder_epochs']}; "
                              f"--quick: {QUICK['decoder_epochs']}); --epochs sets the classifiers'")
@@ -199,36 +195,28 @@ def train_decoder_epoch(encoder: Classifier, decoder: Decoder, optimizer: torch.
 
 def run(exp: Experiment, args: argparse.Namespace) -> dict:
     defaults = QUICK if exp.quick else DEFAULTS
-    if args.models and args.checkpoint:
-        raise ValueError("give --models (classifiers trained first) or --checkpoint (trained ones), not both")
     epochs = args.decoder_epochs if args.decoder_epochs is not None else defaults["decoder_epochs"]
     if not 1 <= epochs <= 10_000:
         raise ValueError(f"--decoder-epochs must be in 1..10000, got {epochs}")
-    # Load every checkpoint before training anything: a bad path fails at once.
-    encoders = [load_model(path, exp.device) for path in args.checkpoint or []]
-    paths = [str(Path(path).resolve()) for path in args.checkpoint or []]
+    # Checked before any training: the decoder's settings, then every checkpoint (studied loads all first).
     subset = {"images_per_class": QUICK["images_per_class"]} if exp.quick else {}
-    for model in ([] if args.checkpoint else args.models or MODELS_COMPARED):
-        paths.append(exp.train(model, **subset)["checkpoint"])
-        encoders.append(load_model(paths[-1], exp.device))
+    encoders = exp.studied(args, MODELS_COMPARED, tuple(MODELS), "with three stages")
 
     device = resolve_device(exp.device)
     test_images, test_labels = exp.test_set()
     shown = torch.stack([torch.nonzero(test_labels == c)[0, 0] for c in range(SHOWN)])
     target = targets(test_images).to(device)
-    rows, labels = [], []
-    for path, (encoder, encoder_config, ckpt) in zip(paths, encoders):
-        label = encoder_config.model if encoder_config.model not in labels else f"{encoder_config.model}-{len(labels)}"
-        labels.append(label)
-        encoder.requires_grad_(False)
+    rows = []
+    for studied in encoders:
+        encoder = studied.net.requires_grad_(False)
         # The encoder is fed as it was trained (normalize); the rest is this run's protocol.
-        config = replace(exp.config(encoder_config.model, exp.out / "decoders" / label, **subset), epochs=epochs,
-                         normalize=encoder_config.normalize)
+        config = replace(exp.config(studied.model, exp.out / "decoders" / studied.key, **subset), epochs=epochs,
+                         normalize=studied.config.normalize)
         config.validate()
-        row = _decoder_run(exp, encoder, path, config, test_images, target, shown)
-        rows.append({"model": encoder_config.model, "label": label, "encoder_checkpoint": path,
-                     "encoder_epoch": ckpt["epoch"], "encoder_test_acc": ckpt["best"]["acc"], **row,
-                     "paper": PAPER.get(encoder_config.model)})
+        row = _decoder_run(exp, encoder, studied.checkpoint, config, test_images, target, shown)
+        rows.append({"model": studied.model, "label": studied.label, "encoder_checkpoint": studied.checkpoint,
+                     "encoder_epoch": studied.epoch, "encoder_test_acc": studied.best_acc, **row,
+                     "paper": PAPER.get(studied.model)})
 
     train_images = _train_images(exp, subset.get("images_per_class"))
     mean_image = targets(train_images.sum(0, dtype=torch.float64) / train_images.shape[0]).to(device)
