@@ -38,7 +38,8 @@ from .modules import SRFConv2d
 from .checkpoint import REPLAYS
 from .ode import GRADIENTS, ODEBlock
 
-__all__ = ["TrainConfig", "train", "evaluate", "evaluate_checkpoint", "load_model", "eval_split", "weights_checkpoint", "default_epochs", "lr_at", "SAMPLE_DEFAULTS"]
+__all__ = ["TrainConfig", "train", "evaluate", "evaluate_checkpoint", "load_model", "eval_split", "weights_checkpoint",
+           "autocast", "default_epochs", "lr_at", "SAMPLE_DEFAULTS"]
 
 #: ``dcn-fast train`` without ``--data-root``: a short DCN-ODE run on the shipped
 #: sample, sized for about 4 minutes of 2 CPU cores (README, Quick start: it
@@ -172,7 +173,8 @@ def lr_at(config: TrainConfig, epoch: int, epochs: int, drops: tuple[float, ...]
     return config.lr * 0.1 ** sum(epoch >= max(1, int(epochs * f)) for f in drops)
 
 
-def _autocast(config: TrainConfig, device: torch.device):
+def autocast(config: TrainConfig, device: torch.device):
+    """The autocast context of ``config.amp`` on ``device`` (a no-op context without ``--amp``)."""
     if config.amp is None:
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if config.amp == "bf16" else torch.float16)
@@ -268,7 +270,7 @@ def _evaluate(model, images, labels, config, device, ranks: Ranks, watch: _Solve
         if transform is not None:
             x = transform(x)
         y = labels[idx].to(device)
-        with _autocast(config, device), watch.watch("while evaluating"):
+        with autocast(config, device), watch.watch("while evaluating"):
             logits = model(x)
         loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
         correct += float((logits.argmax(1) == y).sum())
@@ -350,7 +352,7 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> dict:
         x = to_inputs(augment(run.train_images[batch], gen), config.normalize)[ranks.rank :: ranks.world]
         y = run.train_labels[batch][ranks.rank :: ranks.world]
         try:
-            with _autocast(config, device), run.watch.watch(f"at epoch {epoch + 1}, step {step + 1} (forward)"):
+            with autocast(config, device), run.watch.watch(f"at epoch {epoch + 1}, step {step + 1} (forward)"):
                 logits = run.net(x)
         except ValueError as exc:  # weights driven out of range (e.g. a σ past its bounds) by the last update
             raise FloatingPointError(f"at epoch {epoch + 1}, step {step + 1} of {run.steps}: {exc} "

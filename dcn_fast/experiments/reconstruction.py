@@ -33,7 +33,7 @@ from ..distributed import resolve_device
 from ..models import MODELS, Classifier, build
 from ..ode import ODEBlock, group_norm
 from ..runfiles import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
-from ..train import TrainConfig, _autocast, lr_at
+from ..train import TrainConfig, autocast, lr_at
 from .common import Experiment, add_studied_arguments, pyplot
 
 HELP = "Table 3, Fig. A.1: test MSE of a decoder trained on a frozen classifier's features"
@@ -138,7 +138,7 @@ def encode(encoder: Classifier, images: torch.Tensor, config: TrainConfig) -> tu
     device = next(encoder.parameters()).device
     features, nfe = [], []
     for start in range(0, images.shape[0], TEST_BATCH):
-        with _autocast(config, device):
+        with autocast(config, device):
             features.append(encoder.features(to_inputs(images[start:start + TEST_BATCH].to(device),
                                                        config.normalize)).float())
         nfe.append(sum(b.nfe_forward for b in encoder.ode_blocks()))
@@ -155,7 +155,7 @@ def evaluate_decoder(decoder: Decoder, features: torch.Tensor, target: torch.Ten
     outputs, squared, nfe = {}, 0.0, []
     wanted = set(shown.tolist())
     for start in range(0, features.shape[0], TEST_BATCH):
-        with _autocast(config, features.device):
+        with autocast(config, features.device):
             out = rescale(decoder(features[start:start + TEST_BATCH]).float())
         squared += float((out - target[start:start + TEST_BATCH]).square().sum())
         nfe.append(sum(b.nfe_forward for b in decoder.ode_blocks()))
@@ -175,9 +175,9 @@ def train_decoder_epoch(encoder: Classifier, decoder: Decoder, optimizer: torch.
     loss_sum, nfe_f, nfe_b = 0.0, 0, 0
     for start in range(0, images.shape[0], config.batch_size):
         batch = augment(images[order[start:start + config.batch_size]], gen)
-        with torch.no_grad(), _autocast(config, device):
+        with torch.no_grad(), autocast(config, device):
             features = encoder.features(to_inputs(batch, config.normalize)).float()
-        with _autocast(config, device):
+        with autocast(config, device):
             out = decoder(features)
         loss = F.mse_loss(rescale(out.float()), targets(batch))
         value = float(loss.detach())
