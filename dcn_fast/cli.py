@@ -145,9 +145,16 @@ def _sigma(text: str) -> float:
     return value
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (the command, the message, where to look), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcn-fast", description="Fast SRF convolutions and Deep Continuous Networks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineErrors(prog="dcn-fast", description="Fast SRF convolutions and Deep Continuous Networks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
     bench = sub.add_parser(
         "bench-layer",
         help="check and time SRFConv2d against the published layer at the DCN block shapes",
@@ -235,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment = sub.add_parser("experiment", help="run an experiment of the paper (result.json and PNG figures)",
                                 description="The paper's experiments beyond Table 1. Each writes result.json and "
                                 "PNG figures under --out; --quick runs it on the shipped sample in about a minute.")
-    kinds = experiment.add_subparsers(dest="experiment", required=True, metavar="NAME")
+    kinds = experiment.add_subparsers(dest="experiment", required=True, metavar="NAME", parser_class=OneLineErrors)
     for name in EXPERIMENTS:
         module = load(name)
         parser_ = kinds.add_parser(name, help=module.HELP, description=module.__doc__.split("\n\n")[0])
@@ -258,12 +265,18 @@ def _sample_defaults() -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = " ".join(filter(None, (args.command, getattr(args, "experiment", None))))
     try:
         return args.run(args)
+    except KeyboardInterrupt:
+        # Every file is written atomically: the last checkpoint is whole, and the run can go on from it.
+        how = {"train": "; continue from the last checkpoint with dcn-fast train --resume --out <its folder>",
+               "experiment": "; run the same command (same --out) again to continue from the last checkpoint"}
+        print(f"dcn-fast {command}: interrupted{how.get(args.command, '')}", file=sys.stderr)
+        return 130
     # User errors and a run that cannot go on: one line, not a traceback.
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
         message = " ".join(str(exc).split())
-        command = " ".join(filter(None, (args.command, getattr(args, "experiment", None))))
         print(f"dcn-fast {command}: error: {message}", file=sys.stderr)
         return 2
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import OneLineErrors
 from .models import MODELS, build
 from .modules import scale_from_published
 from .runfiles import save_checkpoint
@@ -137,16 +138,9 @@ def load_official(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-class _OneLineErrors(argparse.ArgumentParser):
-    """Usage errors as one line on stderr, exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m dcn_fast.convert OFFICIAL OUT --model NAME [--force]``; returns the exit status."""
-    parser = _OneLineErrors(
+    parser = OneLineErrors(
         prog="python -m dcn_fast.convert", description="Convert an official DCN checkpoint to dcn_fast weights."
     )
     parser.add_argument("official", help="checkpoint saved by the official scripts (model_*.pth)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .runfiles import check_output_folder
+
 __all__ = ["pyplot", "save_figure", "read_metrics", "plot_run"]
 
 
@@ -26,6 +28,14 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+#: The per-epoch numbers that are plotted.
+_SERIES = ("train_loss", "test_loss", "train_acc", "test_acc", "nfe_forward", "nfe_backward", "lr")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """The per-epoch records of ``run_dir/metrics.jsonl`` (written by ``dcn-fast train``).
 
@@ -38,16 +48,22 @@ def read_metrics(run_dir: Path) -> list[dict]:
         raise ValueError(f"RUN_DIR {run_dir} is a file; give the folder of a run (it holds metrics.jsonl)")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; RUN_DIR must be a folder written by dcn-fast train")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not a readable metrics.jsonl ({type(exc).__name__})") from exc
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}, line {number}: not JSON ({exc.msg})") from exc
-        if not isinstance(record, dict) or "epoch" not in record:
-            raise ValueError(f"{path}, line {number}: not an epoch record of dcn-fast train")
+        if not (isinstance(record, dict) and _is_number(record.get("epoch"))
+                and all(_is_number(record[k]) for k in _SERIES if k in record)):
+            raise ValueError(f"{path}, line {number}: not an epoch record of dcn-fast train "
+                             f"(an epoch and numbers for {', '.join(_SERIES)})")
         records.append(record)
     if not records:
         raise ValueError(f"{path} holds no epoch yet; plot it after the first epoch")
@@ -59,6 +75,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ``out`` (default ``RUN_DIR/curves.png``); returns the path written."""
     records = read_metrics(Path(run_dir))
     out = Path(out) if out is not None else Path(run_dir) / "curves.png"
+    if out.is_dir():
+        out = out / "curves.png"
+    elif out.suffix.lower() != ".png":
+        raise ValueError(f"--out {out} must name a .png file (or a folder, to write curves.png there)")
+    check_output_folder(out.parent)
     epochs = [r["epoch"] for r in records]
 
     def series(key: str) -> list[float]:
@@ -82,5 +103,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     axes[1, 1].set_yscale("log")
     for ax in axes[1]:
         ax.set_xlabel("epoch")
-    fig.suptitle(f"{Path(run_dir).resolve().name}: {len(records)} epochs")
+    if len(epochs) == 1:  # one point: no fractional epoch ticks around it
+        for ax in axes[1]:
+            ax.set_xticks(epochs)
+    fig.suptitle(f"{Path(run_dir).resolve().name}: {len(records)} epoch{'s' if len(records) != 1 else ''}")
     return save_figure(fig, out)

@@ -21,12 +21,22 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "write_json", "append_metrics", "write_metrics"]
+__all__ = ["CHECKPOINT_FORMAT", "check_output_folder", "save_checkpoint", "load_checkpoint", "write_json", "append_metrics", "write_metrics"]
 
 #: 2: inputs in [0, 1] unless ``config["normalize"]``. Format 1 checkpoints
 #: (always standardised inputs) load as ``normalize=True``.
 CHECKPOINT_FORMAT = 2
 _READABLE_FORMATS = (1, 2)
+
+
+def check_output_folder(path: str | os.PathLike, option: str = "--out") -> None:
+    """Raise ValueError, naming ``option``, if ``path`` or a folder above it is a file: the
+    outputs could not be written there (checked up front, before any work is done)."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            where = "" if part == path else f" (inside {part}, a file)"
+            raise ValueError(f"{option} {path} is a file{where}; give a folder for the outputs")
 
 
 def _replace_atomically(path: Path, write) -> None:
@@ -89,13 +99,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # whatever a damaged or foreign file makes the unpickler raise
         if "Weights only load failed" in str(exc):
-            reason = "it holds objects other than tensors and plain values; refused, since unpickling them could run code"
+            reason = ("it holds objects other than tensors and plain values; refused, since unpickling them could "
+                      "run code; an official model_*.pth? convert it first: python -m dcn_fast.convert")
         else:
             detail = (str(exc).strip().splitlines() or [""])[0]
             reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
         raise ValueError(f"{path} is not a readable dcn_fast checkpoint ({reason})") from exc
     if not (isinstance(ckpt, dict) and ckpt.get("format") in _READABLE_FORMATS and isinstance(ckpt.get("config"), dict)):
-        raise ValueError(f"{path} is not a dcn_fast checkpoint (format {CHECKPOINT_FORMAT})")
+        raise ValueError(f"{path} is not a dcn_fast checkpoint (format {CHECKPOINT_FORMAT}); official weights "
+                         "convert with python -m dcn_fast.convert")
     missing = {"epoch", "epochs", "model_state", "optimizer_state", "best", "history"} - ckpt.keys()
     if missing:
         raise ValueError(f"{path} is an incomplete dcn_fast checkpoint (no {', '.join(sorted(missing))})")

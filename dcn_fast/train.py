@@ -29,7 +29,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .runfiles import CHECKPOINT_FORMAT, append_metrics, load_checkpoint, save_checkpoint, write_json, write_metrics
+from .runfiles import (CHECKPOINT_FORMAT, append_metrics, check_output_folder, load_checkpoint, save_checkpoint,
+                       write_json, write_metrics)
 from .data import CIFAR10, augment, load_cifar10, per_class_subset, to_inputs
 from .distributed import Ranks, resolve_device, unwrap
 from .functional import BACKENDS
@@ -39,7 +40,7 @@ from .checkpoint import REPLAYS
 from .ode import GRADIENTS, ODEBlock
 
 __all__ = ["TrainConfig", "train", "evaluate", "evaluate_checkpoint", "load_model", "eval_split", "weights_checkpoint",
-           "autocast", "default_epochs", "lr_at", "SAMPLE_DEFAULTS"]
+           "autocast", "changed_settings", "default_epochs", "lr_at", "SAMPLE_DEFAULTS"]
 
 #: ``dcn-fast train`` without ``--data-root``: a short DCN-ODE run on the shipped
 #: sample, sized for about 4 minutes of 2 CPU cores (README, Quick start: it
@@ -124,8 +125,7 @@ class TrainConfig:
             raise ValueError(f"--T sets the end time of ODE blocks; {self.model} has none")
         if self.backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            raise ValueError(f"--out {self.out} is a file; give a folder for the run's outputs")
+        check_output_folder(self.out)
 
     @classmethod
     def from_run(cls, out: str, **overrides) -> TrainConfig:
@@ -300,6 +300,10 @@ def eval_split(data: CIFAR10, config: TrainConfig) -> tuple[torch.Tensor, torch.
     of each class (the same subset for every seed, so runs compare on the same images)."""
     if config.test_images_per_class is None:
         return data.test_images, data.test_labels
+    fewest = int(data.test_labels.bincount().min())
+    if config.test_images_per_class > fewest:
+        raise ValueError(f"--test-images-per-class must be in 1..{fewest} (the test images per class in "
+                         f"{data.source}), got {config.test_images_per_class}")
     idx = per_class_subset(data.test_labels, config.test_images_per_class, seed=0)
     return data.test_images[idx], data.test_labels[idx]
 
@@ -415,6 +419,15 @@ def _summary(config: TrainConfig, epochs: int, history: list, best: dict, parame
     }
 
 
+def changed_settings(saved: TrainConfig, config: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The settings in which ``config`` differs from ``saved``, as ``--option old -> new``
+    (where the run is written and how it was started aside, and the names in ``ignore``)."""
+    epochs = lambda c: c.epochs or default_epochs(c.images_per_class)  # noqa: E731
+    saved, config = replace(saved, epochs=epochs(saved)), replace(config, epochs=epochs(config))
+    return [f"{_option(f.name)} {getattr(saved, f.name)} -> {getattr(config, f.name)}" for f in fields(TrainConfig)
+            if f.name not in _NOT_SETTINGS + ignore and getattr(saved, f.name) != getattr(config, f.name)]
+
+
 def _resume_point(config: TrainConfig, out: Path, log, main: bool) -> dict | None:
     """The checkpoint to continue from (``None`` for a new run); reports changed settings."""
     if not config.resume:
@@ -426,9 +439,7 @@ def _resume_point(config: TrainConfig, out: Path, log, main: bool) -> dict | Non
     if saved.model != config.model:
         raise ValueError(f"checkpoint {out / 'last.pt'} holds model {saved.model!r}, not {config.model!r}; "
                          "pass --model accordingly or choose another --out")
-    changed = [f"{_option(f.name)} {getattr(saved, f.name)} -> {getattr(config, f.name)}"
-               for f in fields(TrainConfig)
-               if f.name not in _NOT_SETTINGS and getattr(saved, f.name) != getattr(config, f.name)]
+    changed = changed_settings(saved, config)
     if changed and main:
         log(f"resuming with changed settings: {', '.join(changed)}")
     return ckpt
@@ -473,6 +484,8 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
     config.validate()
     config = replace(config, epochs=config.epochs or default_epochs(config.images_per_class))
     device = resolve_device(config.device)
+    if config.backend == "triton" and device.type != "cuda":
+        raise ValueError(f"--backend triton runs on CUDA devices only, got --device {device}")
     ranks = Ranks(device)
     try:
         out = Path(config.out)

@@ -33,8 +33,13 @@ def check_png(path: Path) -> None:
 
 
 def run_error(name: str, capsys, *args: str) -> str:
-    """``dcn-fast experiment NAME args`` must fail with exit 2 and one line on stderr; returns it."""
-    assert main(["experiment", name, "--no-progress", *args]) == 2
+    """``dcn-fast experiment NAME args`` must fail with exit 2 and one line on stderr; returns it
+    (argparse's own checks exit through SystemExit, with one line too)."""
+    try:
+        code = main(["experiment", name, "--no-progress", *args])
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"dcn-fast experiment {name}: error: "), err
     return err

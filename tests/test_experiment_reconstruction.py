@@ -48,18 +48,21 @@ def test_quick_run_writes_plausible_results(quick):
         assert row["paper"] == rec.PAPER.get(row["model"])
 
 
-def test_rerun_reuses_the_classifier_and_resumes_the_decoder(quick, tmp_path, capsys):
-    """A moved run folder, run again with more decoder epochs: nothing retrained, one epoch added."""
+def test_rerun_reuses_the_classifier_and_the_decoder(quick, tmp_path, capsys):
+    """A moved run folder, run again: nothing retrained; more decoder epochs there are refused
+    (the learning-rate drops of a longer run fall elsewhere)."""
     out = tmp_path / "moved"
     shutil.copytree(quick[0], out)
     before = next(row for row in quick[1]["models"] if row["model"] == "odenet")
     capsys.readouterr()
-    result = run_quick("reconstruction", out, "--models", "odenet", "--decoder-epochs", "3")
+    result = run_quick("reconstruction", out, "--models", "odenet")
     log = capsys.readouterr().out
-    assert "reusing the run there" in log and "resuming after epoch 2" in log
+    assert log.count("continuing the training there") == 2 and "epoch 1/" not in log
     (row,) = result["models"]
-    assert [h["epoch"] for h in row["history"]] == [1, 2, 3]
-    assert row["history"][:2] == before["history"]
+    assert row["history"] == before["history"]
+    err = run_error("reconstruction", capsys, "--quick", "--out", str(out), "--models", "odenet",
+                    "--decoder-epochs", "3")
+    assert "decoders/odenet holds a training started with other settings (--epochs 2 -> 3)" in err
 
 
 def _sample(n: int) -> torch.Tensor:

@@ -84,3 +84,9 @@ def test_checkpoint_of_a_model_without_srf_layers(model, tmp_path, capsys):
 def test_models_and_checkpoint_exclude_each_other(tmp_path, capsys):
     err = run_error("scales", capsys, "--out", str(tmp_path), "--models", "dcn-ode", "--checkpoint", "x.pt")
     assert "--models" in err and "--checkpoint" in err
+
+
+def test_training_options_with_checkpoints_are_refused(tmp_path, capsys):
+    """With --checkpoint nothing is trained: --epochs / --lr would be recorded but have no effect."""
+    err = run_error("scales", capsys, "--out", str(tmp_path), "--checkpoint", "x.pt", "--epochs", "5", "--lr", "3")
+    assert "--epochs, --lr: training options, but with --checkpoint scales trains nothing" in err

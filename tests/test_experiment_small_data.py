@@ -39,9 +39,18 @@ def test_quick_cells(quick):
 
 def test_rerun_reuses_the_finished_runs(quick, capsys):
     out, result = quick
-    again = run_quick("small-data", out)
-    assert "reusing the run there" in capsys.readouterr().out
+    # A model named twice is one model.
+    again = run_quick("small-data", out, "--models", "dcn-ode", "dcn-ode", "odenet")
+    assert "continuing the training there" in capsys.readouterr().out
     assert again["cells"] == result["cells"]
+
+
+def test_rerun_with_other_settings_is_refused(quick, capsys):
+    """The experiment would report settings its models were not trained with."""
+    out, result = quick
+    err = run_error("small-data", capsys, "--quick", "--out", str(out), "--epochs", "2", "--lr", "0.05")
+    assert "holds a training started with other settings (--epochs 1 -> 2, --lr 0.1 -> 0.05)" in err
+    assert json.loads((out / "result.json").read_text())["cells"] == result["cells"]
 
 
 def test_seeds_draw_different_subsets(quick):
@@ -65,8 +74,29 @@ def test_plot_of_a_trained_run(quick, capsys):
     (["--n", "0"], "--n must be in 1..200"),
     (["--n", "201"], "--n must be in 1..200"),
     (["--seeds", "-1"], "--seeds must be in 0..2**32-1"),
+    (["--test-images-per-class", "51"], "--test-images-per-class must be in 1..50"),
+    (["--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
 ])
 def test_errors(tmp_path, capsys, args, needle):
     err = run_error("small-data", capsys, "--quick", "--out", str(tmp_path / "out"), *args)
     assert needle in err
     assert not (tmp_path / "out").exists()
+
+
+def test_out_inside_a_file_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    err = run_error("small-data", capsys, "--quick", "--out", str(tmp_path / "file" / "sub"))
+    assert f"--out {tmp_path / 'file' / 'sub'} is a file (inside {tmp_path / 'file'}, a file)" in err
+
+
+def test_an_interrupt_is_one_line_and_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    from dcn_fast.experiments import small_data
+
+    def interrupted(exp, args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(small_data, "run", interrupted)
+    assert main(["experiment", "small-data", "--quick", "--out", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == ("dcn-fast experiment small-data: interrupted; run the same command (same --out) again to "
+                   "continue from the last checkpoint")

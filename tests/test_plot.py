@@ -54,3 +54,31 @@ def test_plot_any_length(tmp_path, epochs):
     _metrics(tmp_path / "run", epochs)
     assert main(["plot", str(tmp_path / "run")]) == 0
     check_png(tmp_path / "run" / "curves.png")
+
+
+def test_plot_refuses_damaged_records_and_unwritable_outputs(tmp_path, capsys):
+    for name, text in [("null", '{"epoch": null}\n'), ("list", '{"epoch": 1, "lr": [1, 2]}\n'),
+                       ("text", '{"epoch": 1, "train_loss": "low"}\n')]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(text)
+        assert "line 1: not an epoch record" in _one_line_error(capsys, str(tmp_path / name))
+    (tmp_path / "binary").mkdir()
+    (tmp_path / "binary" / "metrics.jsonl").write_bytes(b"\xff\xfe\x00")
+    assert "metrics.jsonl is not a readable metrics.jsonl (UnicodeDecodeError)" in _one_line_error(
+        capsys, str(tmp_path / "binary"))
+    (tmp_path / "folder" / "metrics.jsonl").mkdir(parents=True)
+    assert "is not a readable metrics.jsonl" in _one_line_error(capsys, str(tmp_path / "folder"))
+    _metrics(tmp_path / "run", 3)
+    assert "must name a .png file" in _one_line_error(capsys, str(tmp_path / "run"), "--out",
+                                                        str(tmp_path / "noext"))
+    (tmp_path / "afile").write_text("x")
+    assert "is a file" in _one_line_error(capsys, str(tmp_path / "run"), "--out", str(tmp_path / "afile" / "c.png"))
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_plot_into_a_folder_writes_curves_png(tmp_path, capsys):
+    _metrics(tmp_path / "run", 3)
+    (tmp_path / "figs").mkdir()
+    assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "figs")]) == 0
+    assert str(tmp_path / "figs" / "curves.png") in capsys.readouterr().out
+    check_png(tmp_path / "figs" / "curves.png")

@@ -198,7 +198,9 @@ def test_cli_eval_rejects_a_file_that_is_no_checkpoint(tmp_path, capsys):
 def test_cli_argparse_rejects_impossible_sizes(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["train", "--batch-size", "0"])
-    assert exc.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err == ("dcn-fast train: error: argument --batch-size: must be >= 1, got 0 "
+                                           "(see dcn-fast train --help)\n")
 
 
 def test_classes_match_folder_names():
@@ -398,3 +400,9 @@ def test_load_model_refuses_a_model_not_accepted(tmp_path):
         load_model(tmp_path / "run" / "last.pt", models=("dcn-ode", "odenet"))
     model, config, ckpt = load_model(tmp_path / "run" / "last.pt", models=("resnet-srf-blocks",))
     assert not model.training and config.model == "resnet-srf-blocks" and ckpt["epoch"] == 1
+
+
+def test_triton_backend_needs_cuda(tmp_path):
+    with pytest.raises(ValueError, match="--backend triton runs on CUDA devices only, got --device cpu"):
+        train(small_config(tmp_path, backend="triton", device="cpu"), progress=False, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()

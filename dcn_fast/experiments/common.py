@@ -23,8 +23,8 @@ from ..data import CIFAR10, load_cifar10
 from ..functional import BACKENDS
 from ..ode import GRADIENTS
 from ..plot import pyplot, save_figure
-from ..runfiles import write_json
-from ..train import TrainConfig, eval_split, load_model, train
+from ..runfiles import check_output_folder, write_json
+from ..train import TrainConfig, changed_settings, eval_split, load_model, train
 
 __all__ = ["QUICK_TRAINING", "QUICK_STUDIED", "TRAINING_OPTIONS", "Experiment", "Studied", "add_common_arguments",
            "add_studied_arguments", "mean_std", "pyplot", "positive_float"]
@@ -59,7 +59,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--out", help=f"output folder (default: runs/{name}-<date>-<time>); running the same "
                                       "command again reuses its finished trainings and resumes unfinished ones")
     parser.add_argument("--quick", action="store_true",
-                        help="the shipped sample, small sizes, a few training steps (about a minute on 2 CPU cores)")
+                        help="small sizes, a few training steps, on the shipped sample unless --data-root is given "
+                             "(12-50 s on 2 CPU cores)")
     parser.add_argument("--data-root", help="CIFAR-10: torchvision folder, JPEG tree or .tar.xz "
                                             "(default: the sample shipped in the package)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -75,7 +76,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     training.add_argument("--backend", choices=BACKENDS, help="SRF backend")
     training.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
     training.add_argument("--test-images-per-class", type=_positive_int,
-                          help="test images per class evaluated (default: all; --quick: 10)")
+                          help="test images per class evaluated (default: all; --quick: 10, or 2 where it "
+                               "studies trained models)")
 
 
 def add_studied_arguments(parser: argparse.ArgumentParser, models: tuple[str, ...], defaults: list[str],
@@ -86,8 +88,9 @@ def add_studied_arguments(parser: argparse.ArgumentParser, models: tuple[str, ..
                         help=f"models to train (or reuse from OUT/runs/) and study (default: {' '.join(defaults)}; "
                              f"models {needs}: {', '.join(models)})")
     parser.add_argument("--checkpoint", nargs="+", metavar="PATH",
-                        help=f"study these trained models instead (best.pt or last.pt of dcn-fast train; each "
-                             f"checkpoint names its model, one {needs})")
+                        help=f"study these trained models instead (best.pt or last.pt of dcn-fast train, or "
+                             f"official weights converted by python -m dcn_fast.convert; each checkpoint names "
+                             f"its model, one {needs})")
 
 
 def mean_std(values: list[float]) -> dict:
@@ -135,8 +138,7 @@ class Experiment:
     @classmethod
     def from_args(cls, name: str, args: argparse.Namespace, log: Callable[[str], None] = print) -> Experiment:
         out = Path(args.out or time.strftime(f"runs/{name}-%Y%m%d-%H%M%S"))
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file; give a folder for the experiment's outputs")
+        check_output_folder(out)
         training = {k: getattr(args, k) for k in TRAINING_OPTIONS if getattr(args, k, None) is not None}
         return cls(name, out, quick=args.quick, data_root=args.data_root, device=args.device,
                    progress=not args.no_progress, training=training, log=log)
@@ -175,24 +177,41 @@ class Experiment:
         so an interrupted experiment loses at most one epoch of one training.
         """
         folder = self.out / "runs" / (run or model)
-        if (folder / "last.pt").exists():
-            config = TrainConfig.from_run(str(folder))
-            self.log(f"[{self.name}] {folder}: reusing the run there")
-        else:
-            config = self.config(model, folder, **settings)
-        return train(config, progress=self.progress, log=self.log)
+        return train(self.continued(self.config(model, folder, **settings)), progress=self.progress, log=self.log)
+
+    def continued(self, config: TrainConfig) -> TrainConfig:
+        """``config``, or the run already in ``config.out`` (resumed; nothing to do if finished)
+        when it was started with the same settings. Other settings there are refused: the
+        experiment would report settings its models were not trained with."""
+        if not (Path(config.out) / "last.pt").exists():
+            return config
+        saved = TrainConfig.from_run(config.out)
+        changed = changed_settings(saved, config, ignore=("device",))
+        if changed:
+            raise ValueError(f"{config.out} holds a training started with other settings ({', '.join(changed)}); "
+                             "rerun with the options it was started with, or choose another --out")
+        self.log(f"[{self.name}] {config.out}: continuing the training there (nothing to do if it has finished)")
+        return saved
 
     def studied(self, args: argparse.Namespace, defaults: list[str], accepted: tuple[str, ...],
-                needs: str) -> list[Studied]:
+                needs: str, trains_more: bool = False) -> list[Studied]:
         """The trained classifiers an experiment studies (options of :func:`add_studied_arguments`):
-        those of ``args.checkpoint``, else ``args.models`` (default ``defaults``) trained first
-        (``--quick``: :data:`QUICK_STUDIED`). All are loaded before any is studied, so a
-        checkpoint of a model not in ``accepted`` (models ``needs`` says) fails at once."""
+        those of ``args.checkpoint``, else ``args.models`` (default ``defaults``; each once)
+        trained first (``--quick``: :data:`QUICK_STUDIED`). All are loaded before any is
+        studied, so a checkpoint of a model not in ``accepted`` (models ``needs`` says) fails
+        at once. With checkpoints nothing is trained, so training options are refused
+        unless the experiment trains something else (``trains_more``)."""
         if args.checkpoint and args.models:
             raise ValueError("--models and --checkpoint exclude each other: give the models to train, "
                              "or the checkpoints of trained ones")
+        unused = [k for k in self.training if k != "test_images_per_class"]
+        if args.checkpoint and unused and not trains_more:
+            options = ", ".join("--" + k.replace("_", "-") for k in unused)
+            raise ValueError(f"{options}: training options, but with --checkpoint {self.name} trains nothing; "
+                             "leave them out")
         settings = QUICK_STUDIED if self.quick else {}
-        paths = args.checkpoint or [self.train(m, **settings)["checkpoint"] for m in args.models or defaults]
+        models = list(dict.fromkeys(args.models or defaults))
+        paths = args.checkpoint or [self.train(m, **settings)["checkpoint"] for m in models]
         loaded = []
         for path in paths:
             net, config, ckpt = load_model(path, self.device)

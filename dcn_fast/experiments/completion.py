@@ -56,10 +56,17 @@ QUICK = {"models": DEFAULTS["models"], "masks": [6, 12], "times": 5, "images": 4
 
 MAX_TIMES = 1001  # a grid step of T/1000 is finer than any figure needs
 
-# Images per block-by-block run: the clean run's states at every grid point of
-# all three blocks are held while the masked runs are compared with them
-# (~4 MB per image at 21 points), so the batch is kept modest.
-TRAJECTORY_BATCH = 100
+# Images per block-by-block run: the clean run's states at every grid point of all
+# three blocks are held while each masked run is compared with them. One image's states
+# at one time point are (32·30² + 64·15² + 128·7²) float32 ≈ 198 KB; with the masked
+# run's and the difference's, about 3× that. The batch is sized to keep them near 1 GB.
+STATE_BYTES = 3 * 4 * (32 * 30 * 30 + 64 * 15 * 15 + 128 * 7 * 7)
+MEMORY_BUDGET = 2**30
+
+
+def trajectory_batch(points: int) -> int:
+    """Images per block-by-block run at ``points`` time points (1..100)."""
+    return max(1, min(100, MEMORY_BUDGET // (points * STATE_BYTES)))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"points of the time grid of each ODE block, 0..T, 2..{MAX_TIMES} "
                              f"(default: {DEFAULTS['times']}; --quick: {QUICK['times']})")
     parser.add_argument("--images", type=int, metavar="N",
-                        help=f"test images D(t) averages over (default: {DEFAULTS['images']}; "
+                        help=f"test images D(t) averages over (default: {DEFAULTS['images']}, or all the test "
+                             f"images if fewer; "
                              f"--quick: {QUICK['images']})")
 
 
@@ -178,8 +186,9 @@ def _differences(model: Classifier, config: TrainConfig, images: torch.Tensor, m
     fill = black(config)
     d: dict = {}  # (mask, block) → per-batch D [K, B], NFEs, times, A
     maps: dict = {}
-    for start in range(0, images.shape[0], TRAJECTORY_BATCH):
-        x = to_inputs(images[start : start + TRAJECTORY_BATCH].to(device), config.normalize)
+    batch = trajectory_batch(points)
+    for start in range(0, images.shape[0], batch):
+        x = to_inputs(images[start : start + batch].to(device), config.normalize)
         clean = block_states(model, x, points)
         for n in masks:
             masked = block_states(model, masker(n, fill)(x), points)

@@ -200,7 +200,7 @@ def run(exp: Experiment, args: argparse.Namespace) -> dict:
         raise ValueError(f"--decoder-epochs must be in 1..10000, got {epochs}")
     # Checked before any training: the decoder's settings, then every checkpoint (studied loads all first).
     subset = {"images_per_class": QUICK["images_per_class"]} if exp.quick else {}
-    encoders = exp.studied(args, MODELS_COMPARED, tuple(MODELS), "with three stages")
+    encoders = exp.studied(args, MODELS_COMPARED, tuple(MODELS), "with three stages", trains_more=True)
 
     device = resolve_device(exp.device)
     test_images, test_labels = exp.test_set()
@@ -257,8 +257,8 @@ def _decoder_run(exp: Experiment, encoder: Classifier, encoder_path: str, config
         if saved.get("fingerprint") != identity["fingerprint"]:
             raise ValueError(f"{folder} holds a decoder trained on another classifier ({saved.get('path')}) than "
                              f"{encoder_path}; choose another --out")
-        config = replace(TrainConfig.from_run(str(folder)), epochs=config.epochs)
-        exp.log(f"[reconstruction] {folder}: resuming after epoch {ckpt['epoch']}")
+        # Changed settings (a longer --decoder-epochs too: its learning-rate drops would move) are refused.
+        config = exp.continued(config)
     device = next(encoder.parameters()).device
     decoder = build_decoder(encoder, config)
     optimizer = torch.optim.SGD(decoder.parameters(), lr=config.lr, momentum=config.momentum,

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(exp: Experiment, args: argparse.Namespace) -> dict:
     defaults = QUICK if exp.quick else DEFAULTS
-    models = args.models or defaults["models"]
+    models = list(dict.fromkeys(args.models or defaults["models"]))
     sizes = sorted(set(args.n or defaults["n"]))
     seeds = sorted(set(args.seeds if args.seeds is not None else defaults["seeds"]))
     available = min(int((exp.data.train_labels == c).sum()) for c in range(10))
