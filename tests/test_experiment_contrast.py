@@ -107,3 +107,14 @@ def test_every_block_robust_from_checkpoints(quick, tmp_path):
     assert first["naive"] == second["naive"] and first["robust"] == second["robust"]
     # Every block integrated 0.05·T: each takes fewer evaluations than over T.
     assert all(r < n for r, n in zip(first["robust"]["nfe_blocks"][0], first["naive"]["nfe_blocks"][0]))
+
+
+def test_a_failed_solve_names_the_contrast(monkeypatch):
+    from dcn_fast.experiments import contrast as contrast_module
+
+    def failing(model, images, labels, config, c):
+        raise FloatingPointError("the ODE solver's step size underflowed in ODE block 'stage1'")
+
+    monkeypatch.setattr(contrast_module, "_measure", failing)
+    with pytest.raises(FloatingPointError, match=r"at contrast c = 1e\+38: the ODE solver's step size underflowed"):
+        contrast_module.contrast_curves(None, None, None, None, [1e38])

@@ -127,9 +127,13 @@ def contrast_curves(model: torch.nn.Module, images: torch.Tensor, labels: torch.
     ``nfe_max`` (largest per batch) and ``nfe_blocks`` (per block, mean per batch)."""
     curves = {"naive": _empty_curve(), "robust": _empty_curve()}
     for c in contrasts:
-        _append(curves["naive"], _measure(model, images, labels, config, c))
-        with robust_integration(model, c, blocks):
-            _append(curves["robust"], _measure(model, images, labels, config, c))
+        try:
+            _append(curves["naive"], _measure(model, images, labels, config, c))
+            with robust_integration(model, c, blocks):
+                _append(curves["robust"], _measure(model, images, labels, config, c))
+        except FloatingPointError as exc:  # the solve failed: say at which contrast, and the likely cause
+            raise FloatingPointError(f"at contrast c = {c:g}: {exc}; inputs scaled by c = {c:g} may not be "
+                                     "representable in the model's float type") from exc
     return curves
 
 
