@@ -27,7 +27,6 @@ writes a dcn_fast checkpoint holding those weights (no optimizer state, epoch
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from pathlib import Path

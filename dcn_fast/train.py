@@ -39,8 +39,8 @@ from .modules import SRFConv2d
 from .checkpoint import REPLAYS
 from .ode import GRADIENTS, ODEBlock
 
-__all__ = ["TrainConfig", "train", "evaluate", "evaluate_checkpoint", "load_model", "eval_split", "weights_checkpoint",
-           "autocast", "changed_settings", "default_epochs", "lr_at", "SAMPLE_DEFAULTS"]
+__all__ = ["TrainConfig", "train", "evaluate", "evaluate_checkpoint", "load_model", "train_split", "eval_split",
+           "weights_checkpoint", "autocast", "changed_settings", "default_epochs", "lr_at", "SAMPLE_DEFAULTS"]
 
 #: ``dcn-fast train`` without ``--data-root``: a short DCN-ODE run on the shipped
 #: sample, sized for about 4 minutes of 2 CPU cores (README, Quick start: it
@@ -295,6 +295,15 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return _evaluate(model, images, labels, config, device, Ranks(device), _SolverWatch(model), progress, transform)
 
 
+def train_split(data: CIFAR10, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images and labels of a run: all, or ``config.images_per_class`` of each
+    class drawn with ``config.seed`` (the small-data protocol of Table 2)."""
+    if config.images_per_class is None:
+        return data.train_images, data.train_labels
+    idx = per_class_subset(data.train_labels, config.images_per_class, config.seed)
+    return data.train_images[idx], data.train_labels[idx]
+
+
 def eval_split(data: CIFAR10, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The test images and labels a run evaluates on: all, or ``config.test_images_per_class``
     of each class (the same subset for every seed, so runs compare on the same images)."""
@@ -448,10 +457,7 @@ def _resume_point(config: TrainConfig, out: Path, log, main: bool) -> dict | Non
 def _setup(config: TrainConfig, ckpt: dict | None, device: torch.device, ranks: Ranks) -> _Run:
     """Data, model and optimizer of the run, restored from ``ckpt`` when resuming."""
     data = load_cifar10(config.data_root, download=config.download)
-    images, labels = data.train_images, data.train_labels
-    if config.images_per_class is not None:
-        idx = per_class_subset(labels, config.images_per_class, config.seed)
-        images, labels = images[idx], labels[idx]
+    images, labels = train_split(data, config)
     model = _build_model(config).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)

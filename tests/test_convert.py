@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from published import OfficialSrfInd, official_model  # noqa: E402
 
 from dcn_fast import SRFConv2d, cli  # noqa: E402
-from dcn_fast.convert import convert_state_dict, load_official, main  # noqa: E402
+from dcn_fast.convert import convert_state_dict, main  # noqa: E402
 from dcn_fast.data import load_cifar10, to_inputs  # noqa: E402
 from dcn_fast.models import MODELS, build  # noqa: E402
 from dcn_fast.train import load_model  # noqa: E402

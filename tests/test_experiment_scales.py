@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from dcn_fast.experiments.scales import DEFAULTS, layer_label
 from dcn_fast.modules import SRFConv2d

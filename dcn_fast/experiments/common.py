@@ -13,7 +13,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -150,16 +150,21 @@ class Experiment:
             self._data = load_cifar10(self.data_root)
         return self._data
 
-    def test_set(self, config: TrainConfig | None = None,
-                 quick_per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The test images and labels the experiment evaluates on (``--quick``: 10 per class,
-        or ``quick_per_class``; ``--test-images-per-class`` wins over both)."""
-        return eval_split(self.data, replace(config or TrainConfig(), **self._test_subset(quick_per_class)))
+    def test_set(self, studied: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test images and labels the experiment evaluates on: all, or ``--quick``'s
+        10 per class (``studied``: the 2 per class of :data:`QUICK_STUDIED`, which its
+        models were tested on); ``--test-images-per-class`` wins over both."""
+        return eval_split(self.data, TrainConfig(**self._test_subset(studied)))
 
-    def _test_subset(self, quick_per_class: int | None = None) -> dict:
-        quick = quick_per_class or QUICK_TRAINING["test_images_per_class"]
+    def _test_subset(self, studied: bool = False) -> dict:
+        quick = (QUICK_STUDIED if studied else QUICK_TRAINING)["test_images_per_class"]
         n = self.training.get("test_images_per_class", quick if self.quick else None)
         return {"test_images_per_class": n}
+
+    @property
+    def quick_note(self) -> str:
+        """What figure titles of a ``--quick`` run add (nothing otherwise)."""
+        return " (--quick: a few training steps)" if self.quick else ""
 
     # -- trainings ---------------------------------------------------------------------------
     def config(self, model: str, out: Path, **settings) -> TrainConfig:

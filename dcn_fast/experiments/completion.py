@@ -47,7 +47,7 @@ from ..data import to_inputs
 from ..models import MODELS, Classifier
 from ..ode import ODEBlock
 from ..train import TrainConfig, evaluate
-from .common import QUICK_STUDIED, Experiment, add_studied_arguments, pyplot
+from .common import Experiment, add_studied_arguments, pyplot
 
 HELP = "Fig. 3c, 4, A.2, A.3: accuracy against a zeroed centre patch, and D(t) inside each block"
 
@@ -161,16 +161,11 @@ def _settings(exp: Experiment, args: argparse.Namespace) -> dict:
     times = args.times if args.times is not None else defaults["times"]
     if not 2 <= times <= MAX_TIMES:
         raise ValueError(f"--times (points of the time grid of each block) must be in 2..{MAX_TIMES}, got {times}")
-    available = _test_set(exp)[1].numel()
+    available = exp.test_set(studied=True)[1].numel()
     images = args.images if args.images is not None else min(defaults["images"], available)
     if not 1 <= images <= available:
         raise ValueError(f"--images must be in 1..{available} (the test images evaluated), got {images}")
     return {"masks": masks, "times": times, "images": images}
-
-
-def _test_set(exp: Experiment) -> tuple[torch.Tensor, torch.Tensor]:
-    # --quick tests on the images per class its trainings were tested on (QUICK_STUDIED).
-    return exp.test_set(quick_per_class=QUICK_STUDIED["test_images_per_class"])
 
 
 def _differences(model: Classifier, config: TrainConfig, images: torch.Tensor, masks: list[int],
@@ -219,7 +214,7 @@ def run(exp: Experiment, args: argparse.Namespace) -> dict:
     defaults = QUICK if exp.quick else DEFAULTS
     studied = exp.studied(args, defaults["models"], tuple(MODELS), "with three stages")
     models = [(s.label, s.net, s.config) for s in studied]
-    test_images, test_labels = _test_set(exp)
+    test_images, test_labels = exp.test_set(studied=True)
     chosen = torch.randperm(test_labels.numel(), generator=torch.Generator().manual_seed(0))[: settings["images"]]
     accuracy, difference, maps = [], [], {}
     for name, model, config in models:
@@ -248,10 +243,6 @@ def run(exp: Experiment, args: argparse.Namespace) -> dict:
 
 # -- figures ---------------------------------------------------------------------------------
 
-def _quick_note(exp: Experiment) -> str:
-    return " (--quick: a few training steps on the shipped sample)" if exp.quick else ""
-
-
 def _plot_accuracy(exp: Experiment, accuracy: list[dict], names: list[str]) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -262,7 +253,7 @@ def _plot_accuracy(exp: Experiment, accuracy: list[dict], names: list[str]) -> N
                 markersize=max(9 - 2 * i, 3), linestyle=("-", "--", ":")[i % 3], color=f"C{i}", label=name)
     ax.set_xlabel("side n of the zeroed centre patch (0: none)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Pattern completion: accuracy" + _quick_note(exp), fontsize=9)
+    ax.set_title("Pattern completion: accuracy" + exp.quick_note, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     exp.figure(fig, "completion_accuracy")
@@ -294,7 +285,7 @@ def _plot_difference(exp: Experiment, difference: list[dict], names: list[str], 
                 ax.set_xlabel("t", fontsize=8)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Total difference D(t) = Σ|h(t) − h_masked(t)| / A per block, mean ± std over images"
-                 + ("\n" + _quick_note(exp).strip() if exp.quick else ""), fontsize=9)
+                 + ("\n" + exp.quick_note.strip() if exp.quick else ""), fontsize=9)
     exp.figure(fig, "completion_difference")
 
 
@@ -320,5 +311,5 @@ def _plot_maps(exp: Experiment, image: torch.Tensor, masked: torch.Tensor, maps:
                 ax.set_title(titles[col], fontsize=6)
         axes[row][0].set_ylabel(name, fontsize=7)
     fig.suptitle("Feature maps at T: channel mean of |h(T)|, clean and masked, and of |h(T) − h_masked(T)|"
-                 + _quick_note(exp), fontsize=8)
+                 + exp.quick_note, fontsize=8)
     exp.figure(fig, "completion_maps")

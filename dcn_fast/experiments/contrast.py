@@ -38,7 +38,7 @@ import torch
 
 from ..models import MODELS
 from ..train import TrainConfig, evaluate
-from .common import QUICK_STUDIED, Experiment, add_studied_arguments, pyplot
+from .common import Experiment, add_studied_arguments, pyplot
 
 HELP = "Fig. 5: accuracy and NFE against input contrast c, naive and with block 1 integrated to c·T"
 
@@ -78,8 +78,7 @@ def run(exp: Experiment, args: argparse.Namespace) -> dict:
             raise ValueError(f"--contrasts must be finite numbers > 0, got {c}")
     contrasts = sorted(set(contrasts))
     studied = exp.studied(args, defaults["models"], ODE_MODELS, "with ODE blocks")
-    # --quick tests on the 2 images per class its trainings were tested on (QUICK_STUDIED).
-    images, labels = exp.test_set(quick_per_class=QUICK_STUDIED["test_images_per_class"])
+    images, labels = exp.test_set(studied=True)
     results = []
     for s in studied:
         config = replace(s.config, eval_batch_size=EVAL_BATCH_SIZE)
@@ -196,5 +195,5 @@ def _plot(exp: Experiment, contrasts: list[float], results: list[dict], blocks: 
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Contrast" + (" (--quick: models trained one step on the shipped sample)" if exp.quick else ""))
+    fig.suptitle("Contrast" + exp.quick_note)
     exp.figure(fig, "contrast")

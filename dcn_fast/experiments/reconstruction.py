@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import augment, per_class_subset, to_inputs
+from ..data import augment, to_inputs
 from ..distributed import resolve_device
 from ..models import MODELS, Classifier, build
 from ..ode import ODEBlock, group_norm
 from ..runfiles import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
-from ..train import TrainConfig, autocast, lr_at
+from ..train import TrainConfig, autocast, lr_at, train_split
 from .common import Experiment, add_studied_arguments, pyplot
 
 HELP = "Table 3, Fig. A.1: test MSE of a decoder trained on a frozen classifier's features"
@@ -218,7 +218,7 @@ def run(exp: Experiment, args: argparse.Namespace) -> dict:
                      "encoder_epoch": studied.epoch, "encoder_test_acc": studied.best_acc, **row,
                      "paper": PAPER.get(studied.model)})
 
-    train_images = _train_images(exp, subset.get("images_per_class"))
+    train_images = train_split(exp.data, config)[0]  # what the decoders trained on
     mean_image = targets(train_images.sum(0, dtype=torch.float64) / train_images.shape[0]).to(device)
     baseline = float((target - mean_image).square().mean())
     _plot_grid(exp, targets(test_images[shown]), rows)
@@ -235,14 +235,6 @@ def run(exp: Experiment, args: argparse.Namespace) -> dict:
                          "target": f"central {32 - 2 * BORDER}x{32 - 2 * BORDER} crop, in [0, 1]",
                          "test_images": int(test_images.shape[0])},
             "baseline_mean_image_mse": baseline, "models": rows}
-
-
-def _train_images(exp: Experiment, images_per_class: int | None, seed: int = 0) -> torch.Tensor:
-    """The decoder's uint8 training images: ``images_per_class`` of each class drawn with ``seed``, or all."""
-    images, labels = exp.data.train_images, exp.data.train_labels
-    if images_per_class is not None:
-        images = images[per_class_subset(labels, images_per_class, seed)]
-    return images
 
 
 def _decoder_run(exp: Experiment, encoder: Classifier, encoder_path: str, config: TrainConfig,
@@ -270,7 +262,7 @@ def _decoder_run(exp: Experiment, encoder: Classifier, encoder_path: str, config
         history, best, start = list(ckpt["history"]), ckpt["best"], ckpt["epoch"]
         identity["nfe_forward"] = ckpt["encoder"].get("nfe_forward")
     if start < config.epochs:
-        images = _train_images(exp, config.images_per_class, config.seed).to(device)
+        images = train_split(exp.data, config)[0].to(device)
         # The encoder is frozen and the test set is not augmented: its features are computed once.
         features, identity["nfe_forward"] = encode(encoder, test_images, config)
         exp.log(f"[reconstruction] decoder for {encoder.name} ({sum(p.numel() for p in decoder.parameters()):,} "
@@ -327,7 +319,7 @@ def _plot_grid(exp: Experiment, inputs: torch.Tensor, rows: list[dict]) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r, 0].set_ylabel(name, fontsize=8)
-    fig.suptitle("Reconstructions from frozen stage-3 features" + (" (--quick)" if exp.quick else ""), fontsize=9)
+    fig.suptitle("Reconstructions from frozen stage-3 features" + exp.quick_note, fontsize=9)
     fig.tight_layout()
     exp.figure(fig, "reconstructions")
 
@@ -347,7 +339,7 @@ def _plot_curves(exp: Experiment, rows: list[dict]) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("decoder epoch")
     ax.set_ylabel("MSE per pixel and channel")
-    ax.set_title("Decoder training" + (" (--quick)" if exp.quick else ""))
+    ax.set_title("Decoder training" + exp.quick_note)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     exp.figure(fig, "decoder_curves")

@@ -132,10 +132,6 @@ def _sigma_text(layer: dict) -> str:
     return f"median {st['median']:.3g} [{st['min']:.3g}, {st['max']:.3g}]"
 
 
-def _quick_note(exp: Experiment) -> str:
-    return " (--quick: one training step)" if exp.quick else ""
-
-
 def _plot_layers(exp: Experiment, results: list[dict]) -> None:
     """σ per layer, the layers of all models on one axis in network order (Fig. 3a)."""
     order = sorted({(layer["block_index"], layer["label"]) for r in results for layer in r["layers"]})
@@ -158,7 +154,7 @@ def _plot_layers(exp: Experiment, results: list[dict]) -> None:
     ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
     ax.set_yscale("log", base=2)
     ax.set_ylabel("learned σ = 2^scale")
-    ax.set_title("σ per SRF layer and block" + _quick_note(exp))
+    ax.set_title("σ per SRF layer and block" + exp.quick_note)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     exp.figure(fig, "sigma_per_layer")
@@ -179,7 +175,7 @@ def _plot_histograms(exp: Experiment, results: list[dict]) -> None:
             ax.set_xlabel("σ^ji")
             ax.legend(fontsize=7)
         row[0].set_ylabel("pairs (i, o)")
-    fig.suptitle("σ^ji per block" + _quick_note(exp), fontsize=10)
+    fig.suptitle("σ^ji per block" + exp.quick_note, fontsize=10)
     exp.figure(fig, "sigma_ji_histograms")
 
 
@@ -198,5 +194,5 @@ def _plot_sigma_t(exp: Experiment, results: list[dict]) -> None:
         ax.set_title(r["label"])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("σ(t) of the meta-parametrised layers" + _quick_note(exp), fontsize=10)
+    fig.suptitle("σ(t) of the meta-parametrised layers" + exp.quick_note, fontsize=10)
     exp.figure(fig, "sigma_t")

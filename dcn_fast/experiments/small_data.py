@@ -83,7 +83,7 @@ def _plot(exp: Experiment, cells: list[dict], models: list[str]) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("training images per class")
     ax.set_ylabel("best test accuracy (%)")
-    ax.set_title("Small data" + (" (--quick: a few steps on the shipped sample)" if exp.quick else ""))
+    ax.set_title("Small data" + exp.quick_note)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     exp.figure(fig, "accuracy_vs_n")
