@@ -29,15 +29,17 @@ here by name and checked at import: a torchdiffeq without them makes
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from .solver import _accumulate, _autocast_as
+
 try:
     from torchdiffeq._impl.interp import _interp_evaluate, _interp_fit
-    from torchdiffeq._impl.misc import Perturb, _rms_norm, _select_initial_step
+    from torchdiffeq._impl.misc import Perturb
     from torchdiffeq._impl.odeint import SOLVERS
     from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver, _runge_kutta_step
 except ImportError as exc:  # pragma: no cover - depends on the installed torchdiffeq
@@ -45,7 +47,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed torchd
 else:
     _MISSING = None
 
-__all__ = ["checkpointed_odeint", "first_step", "CHECKPOINT_METHODS", "REPLAYS"]
+__all__ = ["checkpointed_odeint", "CHECKPOINT_METHODS", "REPLAYS"]
 
 #: Solvers whose accepted steps can be replayed: torchdiffeq's adaptive Runge–Kutta methods.
 CHECKPOINT_METHODS = tuple(
@@ -216,19 +218,6 @@ def _replay_by_stage(func, tableau, mid, t0, dt, y0, f0, params, cotangents, end
     return grad_y0, grad_k[..., 0], grads_params
 
 
-def _accumulate(total: list, found) -> None:
-    for i, g in enumerate(found):
-        if g is not None:
-            total[i] = g if total[i] is None else total[i] + g
-
-
-@contextmanager
-def _autocast_as(state):
-    device_type, enabled, dtype = state
-    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-        yield
-
-
 #: Replay granularities: the graph of one step, or of one evaluation (stage) at a time.
 REPLAYS = {"step": _replay_step, "stage": _replay_by_stage}
 
@@ -331,20 +320,3 @@ def checkpointed_odeint(
     solve = dict(func=func, T=float(T), rtol=rtol, atol=atol, method=method, options=options,
                  replay=replay, scope=scope or nullcontext)
     return _CheckpointedSolve.apply(solve, y0, *params)
-
-
-@torch.no_grad()
-def first_step(func: Callable, y0: torch.Tensor, rtol: float, atol: float, method: str, options: dict | None) -> float:
-    """torchdiffeq's first step size for this solve, chosen without a gradient (Hairer's rule).
-
-    torchdiffeq computes every later step size without a gradient but the
-    first with one; backprop given this value as ``first_step`` treats all
-    step sizes alike (the adjoint and the checkpointed replay do too).
-    """
-    solver = SOLVERS[method]
-    norm = (options or {}).get("norm", _rms_norm)
-    # The solver's own dtypes: tolerances and time in float64 (or wider), so the value is its, bit for bit.
-    dtype = torch.promote_types(torch.float64, y0.abs().dtype)
-    rtol, atol = (torch.as_tensor(tol, dtype=dtype, device=y0.device) for tol in (rtol, atol))
-    t0 = torch.zeros((), dtype=dtype, device=y0.device)
-    return float(_select_initial_step(_Perturbed(func), t0, y0, solver.order - 1, rtol, atol, norm))

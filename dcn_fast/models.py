@@ -145,6 +145,8 @@ def build(
     gradient: str = "adjoint",
     adjoint_options: dict | None = None,
     replay: str | None = None,
+    solver: str = "dcn_fast",
+    budget: int | None = None,
     T: float | None = None,
     activation: str | None = None,
 ) -> Classifier:
@@ -152,7 +154,9 @@ def build(
 
     Solver arguments apply to the ODE blocks (ignored by the ResNets);
     ``gradient`` is how each solve is differentiated (:data:`~dcn_fast.ode.GRADIENTS`)
-    and ``replay`` the checkpointed replay's granularity (see :class:`~dcn_fast.ode.ODEBlock`).
+    and ``replay`` the checkpointed replay's granularity, ``solver`` which solver
+    integrates (``"dcn_fast"`` or ``"torchdiffeq"``) and ``budget`` its sync-free
+    step budget (see :class:`~dcn_fast.ode.ODEBlock`).
 
     ``T`` (end time of every ODE block, ODE models only) and ``activation``
     (``"relu"`` or ``"celu"``, everywhere in the model) override the model's
@@ -173,6 +177,6 @@ def build(
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
         spec = replace(spec, activation=activation)
-    solver = dict(method=method, rtol=rtol, atol=atol, gradient=gradient, adjoint_options=adjoint_options,
-                  replay=replay)
-    return Classifier(name, spec, num_classes, backend, solver)
+    blocks = dict(method=method, rtol=rtol, atol=atol, gradient=gradient, adjoint_options=adjoint_options,
+                  replay=replay, solver=solver, budget=budget)
+    return Classifier(name, spec, num_classes, backend, blocks)

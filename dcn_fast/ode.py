@@ -19,14 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .basis import HostReadback
-from .checkpoint import CHECKPOINT_METHODS, REPLAYS, check_method, checkpointed_odeint, first_step
+from . import solver as rk_solver
+from .checkpoint import REPLAYS, check_method, checkpointed_odeint
 from .functional import checked_radius
 from .modules import SRFConv2d
 
-__all__ = ["TimeConv", "ODEFunc", "ODEBlock", "META_KINDS", "TIME_CONV_KINDS", "GRADIENTS"]
+__all__ = ["TimeConv", "ODEFunc", "ODEBlock", "META_KINDS", "TIME_CONV_KINDS", "GRADIENTS", "SOLVERS"]
 
 #: How an ODE block differentiates its solve (see :class:`ODEBlock`).
 GRADIENTS = ("checkpoint", "adjoint", "backprop")
+
+#: Which solver integrates an ODE block: dcn_fast's own (:mod:`dcn_fast.solver`) or torchdiffeq's.
+SOLVERS = ("dcn_fast", "torchdiffeq")
 
 #: Meta-parametrised scale/coefficient laws of the paper's Table 4.
 META_KINDS = ("sigma_t", "sigma_t2", "sigma_alpha_t")
@@ -217,20 +221,28 @@ class ODEFunc(nn.Module):
 
 
 class ODEBlock(nn.Module):
-    """``h(T)`` of ``dh/dt = func(t, h)``, ``h(0) = x``, with a torchdiffeq solver.
+    """``h(T)`` of ``dh/dt = func(t, h)``, ``h(0) = x``, with an adaptive Runge–Kutta solver.
 
     Args:
         func: the ODE function (an :class:`ODEFunc`, or any module ``(t, h) -> dh``
             with an ``nfe`` counter).
         T: end time (DCN: 2, ODE-Net: 1).
-        method, rtol, atol, options: passed to ``torchdiffeq.odeint``.
+        method, rtol, atol, options: the solver's method, tolerances and step
+            options, with torchdiffeq's names and meaning.
+        solver: ``"dcn_fast"`` (the default: :mod:`dcn_fast.solver`, torchdiffeq's
+            semantics with fused stage arithmetic; methods ``dopri5``, ``bosh3``,
+            ``fehlberg2``, ``adaptive_heun``) or ``"torchdiffeq"`` (every
+            torchdiffeq method and option). ``gradient="adjoint"`` always trains
+            through torchdiffeq's ``odeint_adjoint``; the solves without a
+            gradient then use ``solver``.
         gradient: how the solve is differentiated (step sizes count as
             constants in every mode):
 
             - ``"checkpoint"``: the forward keeps no graph, only each accepted
               step's start; the backward replays the accepted steps last to
               first under autograd, one step's graph at a time
-              (:mod:`dcn_fast.checkpoint`). Exact (equal to ``"backprop"`` to
+              (:mod:`dcn_fast.solver`; :mod:`dcn_fast.checkpoint` with
+              ``solver="torchdiffeq"``). Exact (equal to ``"backprop"`` to
               float rounding); memory ~ accepted steps × state size + one step;
               needs an adaptive Runge–Kutta ``method``.
             - ``"adjoint"``: solves the adjoint ODE backwards (torchdiffeq's
@@ -242,8 +254,12 @@ class ODEBlock(nn.Module):
         replay: with ``gradient="checkpoint"`` only, what one replay holds a
             graph of: ``"step"`` (one accepted step, the default: faster) or
             ``"stage"`` (one evaluation, after recomputing the step's stages
-            without a graph: ~3.5× less memory for ~1.7× the time, measured on
-            a DCN block).
+            without a graph: less memory for more time).
+        budget: ``solver="dcn_fast"`` only: solve without host syncs in exactly
+            this many step attempts (accept/reject decided on the device; see
+            :mod:`dcn_fast.solver`), for CUDA-graph capture; with
+            ``gradient="backprop"`` or without a gradient. None (default):
+            one host read per step.
 
     With ``"checkpoint"`` the backward evaluates ``func`` again: it must be
     deterministic (no dropout) and update no state (no BatchNorm in training
@@ -265,6 +281,8 @@ class ODEBlock(nn.Module):
         options: dict | None = None,
         adjoint_options: dict | None = None,
         replay: str | None = None,
+        solver: str = "dcn_fast",
+        budget: int | None = None,
     ) -> None:
         super().__init__()
         if not (isinstance(T, (int, float)) and math.isfinite(T) and T > 0):
@@ -274,7 +292,16 @@ class ODEBlock(nn.Module):
                 raise ValueError(f"{name} must be > 0, got {tol!r}")
         if gradient not in GRADIENTS:
             raise ValueError(f"gradient must be one of {', '.join(map(repr, GRADIENTS))}, got {gradient!r}")
-        if gradient == "checkpoint":
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(map(repr, SOLVERS))}, got {solver!r}")
+        if solver == "dcn_fast":
+            rk_solver.check_solver_arguments(method, options, budget)
+            if budget is not None and gradient == "checkpoint":
+                raise ValueError("budget (the sync-free solve) takes gradient='backprop' or 'adjoint' "
+                                 "(its solves without a gradient), not 'checkpoint'")
+        elif budget is not None:
+            raise ValueError(f"budget applies to solver='dcn_fast' only, got budget={budget!r} with solver={solver!r}")
+        elif gradient == "checkpoint":
             check_method(method, options)
         if replay is not None and gradient != "checkpoint":
             raise ValueError(f"replay applies to gradient='checkpoint' only, got replay={replay!r} "
@@ -285,6 +312,7 @@ class ODEBlock(nn.Module):
         self.func, self.T, self.method = func, float(T), method
         self.rtol, self.atol, self.gradient = rtol, atol, gradient
         self.options, self.adjoint_options, self.replay = options, adjoint_options, replay
+        self.solver, self.budget = solver, budget
         self.nfe_forward = 0
         self.nfe_backward = 0
         self._nfe_after_forward = 0
@@ -305,26 +333,33 @@ class ODEBlock(nn.Module):
                 conv.end_solve()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import torchdiffeq
-
         start = self.func.nfe
         params = [p for p in self.func.parameters() if p.requires_grad]
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or bool(params))
         solver = dict(rtol=self.rtol, atol=self.atol, method=self.method)
-        # Outside the solve's scope: its graph-free evaluations must not fill the taps cache.
-        backprop_options = self._backprop_options(x) if self.gradient == "backprop" and needs_grad else self.options
         with self._solve_scope():
-            if self.gradient == "checkpoint" and needs_grad:
+            if self.gradient == "adjoint" and needs_grad:
+                import torchdiffeq
+
+                t = torch.tensor([0.0, self.T], dtype=x.dtype, device=x.device)
+                kwargs = {"adjoint_options": self.adjoint_options} if self.adjoint_options else {}
+                out = torchdiffeq.odeint_adjoint(self.func, x, t, options=self.options,
+                                                 adjoint_params=tuple(params), **solver, **kwargs)[1]
+            elif self.solver == "dcn_fast":
+                gradient = "checkpoint" if self.gradient == "checkpoint" else "backprop"
+                out = rk_solver.solve(self.func, x, self.T, options=self.options, gradient=gradient, params=params,
+                                      replay=self.replay, scope=self._solve_scope, budget=self.budget, **solver)
+            elif self.gradient == "checkpoint" and needs_grad:
                 out = checkpointed_odeint(self.func, x, self.T, params=params, options=self.options,
                                           replay=self.replay, scope=self._solve_scope, **solver)
             else:
+                import torchdiffeq
+
+                # Backprop's first step size chosen without a gradient, as every later one is
+                # (and as the checkpointed replay and dcn_fast's solver treat it).
+                options = self._backprop_options(x) if needs_grad else self.options
                 t = torch.tensor([0.0, self.T], dtype=x.dtype, device=x.device)
-                if self.gradient == "adjoint" and needs_grad:
-                    kwargs = {"adjoint_options": self.adjoint_options} if self.adjoint_options else {}
-                    out = torchdiffeq.odeint_adjoint(self.func, x, t, options=self.options,
-                                                     adjoint_params=tuple(params), **solver, **kwargs)[1]
-                else:
-                    out = torchdiffeq.odeint(self.func, x, t, options=backprop_options, **solver)[1]
+                out = torchdiffeq.odeint(self.func, x, t, options=options, **solver)[1]
         self.nfe_forward = self.func.nfe - start
         self._nfe_after_forward = self.func.nfe
         return out
@@ -344,17 +379,27 @@ class ODEBlock(nn.Module):
             raise ValueError(f"times must increase from 0 to at most T={self.T}, got {times.tolist()}")
         start = self.func.nfe
         with self._solve_scope():
-            out = torchdiffeq.odeint(self.func, x, times, rtol=self.rtol, atol=self.atol, method=self.method,
-                                     options=self.options)
+            if self.solver == "dcn_fast":
+                rk = rk_solver.RungeKutta(self.func, x, method=self.method, rtol=self.rtol, atol=self.atol,
+                                          options=self.options)
+                out = torch.stack([x, *rk.integrate(x, times.tolist())])
+            else:
+                out = torchdiffeq.odeint(self.func, x, times, rtol=self.rtol, atol=self.atol, method=self.method,
+                                         options=self.options)
         self.nfe_forward = self.func.nfe - start
         return out
 
     def _backprop_options(self, x: torch.Tensor) -> dict | None:
-        """Solver options with the first step size chosen without a gradient (as every later one is)."""
+        """torchdiffeq's options with the first step size chosen without a gradient (as every later one is)."""
         options = self.options
-        if self.method in CHECKPOINT_METHODS and "first_step" not in (options or {}):
-            options = {**(options or {}), "first_step": first_step(self.func, x, self.rtol, self.atol,
-                                                                   self.method, options)}
+        if self.method in rk_solver.METHODS and "first_step" not in (options or {}) \
+                and not set(options or {}) - set(rk_solver.OPTIONS):
+            rk = rk_solver.RungeKutta(self.func, x, method=self.method, rtol=self.rtol, atol=self.atol,
+                                      options=options)
+            with torch.no_grad():
+                t0 = torch.zeros((), dtype=rk.dtype)
+                first = rk.initial_step(t0, x, self.func(t0.to(rk.real), x))
+            options = {**(options or {}), "first_step": float(first)}
         return options
 
     def count_backward(self) -> int:
@@ -364,5 +409,6 @@ class ODEBlock(nn.Module):
 
     def extra_repr(self) -> str:
         replay = f", replay={self.replay!r}" if self.gradient == "checkpoint" else ""
+        budget = f", budget={self.budget}" if self.budget is not None else ""
         return (f"T={self.T}, method={self.method!r}, rtol={self.rtol}, atol={self.atol}, "
-                f"gradient={self.gradient!r}{replay}")
+                f"gradient={self.gradient!r}{replay}, solver={self.solver!r}{budget}")

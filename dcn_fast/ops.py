@@ -353,3 +353,68 @@ def srf_conv2d(
         ``[B, C_out, Ho, Wo]``, contiguous.
     """
     return torch.ops.dcn_fast.srf_conv2d(input, taps, alpha, bias, list(stride), list(padding), groups, algorithm)
+
+
+# --- the Runge–Kutta step's arithmetic (dcn_fast/solver.py) -----------------
+#
+# ``rk_combine(base, terms, coeffs) = base + Σ_j coeffs[j]·terms[j]`` (``base``
+# None: 0) and the RMS error ratio of ``Σ_j coeffs[j]·terms[j]`` over
+# ``atol + rtol·max(|y0|, |y1|)``, each one pass over memory in the C++ CPU
+# kernel (csrc/cpu/rk_step_kernel.cpp); the references below are the oracle in
+# tests and the path on other devices. ``coeffs`` is a float64 tensor so that
+# time-dependent coefficients never need a host read (the sync-free solve).
+
+_LIB.define("rk_combine(Tensor? base, Tensor[] terms, Tensor coeffs) -> Tensor")
+_LIB.define("rk_error_ratio(Tensor y0, Tensor y1, Tensor[] terms, Tensor coeffs, float rtol, float atol) -> Tensor")
+
+
+def rk_combine_reference(base: torch.Tensor | None, terms, coeffs: torch.Tensor) -> torch.Tensor:
+    """``base + Σ_j coeffs[j]·terms[j]`` with PyTorch ops (differentiable), in the terms' dtype."""
+    like = base if base is not None else terms[0]
+    out = base
+    for coefficient, term in zip(coeffs.to(device=like.device, dtype=like.dtype).unbind(), terms):
+        out = term * coefficient if out is None else out + term * coefficient
+    return out if out is not None else torch.zeros_like(like)
+
+
+def rk_error_ratio_reference(y0, y1, terms, coeffs, rtol: float, atol: float) -> torch.Tensor:
+    """torchdiffeq's ``_compute_error_ratio`` with the RMS norm, as a 0-d float64 tensor."""
+    error = rk_combine_reference(None, terms, coeffs)
+    tolerance = atol + rtol * torch.max(y0.abs(), y1.abs())
+    return (error / tolerance).double().pow(2).mean().sqrt()
+
+
+def _check_terms(like, terms, coeffs) -> None:
+    torch._check(coeffs.dim() == 1 and coeffs.shape[0] == len(terms),
+                 lambda: f"rk_combine: {len(terms)} terms need {len(terms)} coefficients, got {tuple(coeffs.shape)}")
+    for term in terms:
+        torch._check(term.shape == like.shape and term.dtype == like.dtype,
+                     lambda: f"rk_combine: every term must be shaped and typed like the first, got {term.shape}")
+
+
+@torch.library.register_fake("dcn_fast::rk_combine", lib=_LIB)
+def _(base, terms, coeffs):
+    like = base if base is not None else terms[0]
+    _check_terms(like, terms, coeffs)
+    return torch.empty_like(like, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("dcn_fast::rk_error_ratio", lib=_LIB)
+def _(y0, y1, terms, coeffs, rtol, atol):
+    _check_terms(y0, terms, coeffs)
+    return y0.new_empty((), dtype=torch.float64)
+
+
+def _combine_setup_context(ctx, inputs, output):
+    base, terms, coeffs = inputs
+    ctx.has_base, ctx.coeffs = base is not None, coeffs
+
+
+def _combine_backward(ctx, grad_output):
+    # Linear: the base's gradient is the output's, each term's that times its coefficient.
+    scales = ctx.coeffs.to(device=grad_output.device, dtype=grad_output.dtype).unbind()
+    return grad_output if ctx.has_base else None, [grad_output * c for c in scales], None
+
+
+torch.library.register_autograd("dcn_fast::rk_combine", _combine_backward, setup_context=_combine_setup_context,
+                                lib=_LIB)
