@@ -145,7 +145,7 @@ def build(
     gradient: str = "adjoint",
     adjoint_options: dict | None = None,
     replay: str | None = None,
-    solver: str = "dcn_fast",
+    solver: str | None = None,
     budget: int | None = None,
     T: float | None = None,
     activation: str | None = None,
@@ -155,7 +155,8 @@ def build(
     Solver arguments apply to the ODE blocks (ignored by the ResNets);
     ``gradient`` is how each solve is differentiated (:data:`~dcn_fast.ode.GRADIENTS`)
     and ``replay`` the checkpointed replay's granularity, ``solver`` which solver
-    integrates (``"dcn_fast"`` or ``"torchdiffeq"``) and ``budget`` its sync-free
+    integrates (``"dcn_fast"``, ``"torchdiffeq"``, or None: dcn_fast's where it
+    covers the method) and ``budget`` its sync-free
     step budget (see :class:`~dcn_fast.ode.ODEBlock`).
 
     ``T`` (end time of every ODE block, ODE models only) and ``activation``

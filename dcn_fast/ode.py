@@ -229,10 +229,12 @@ class ODEBlock(nn.Module):
         T: end time (DCN: 2, ODE-Net: 1).
         method, rtol, atol, options: the solver's method, tolerances and step
             options, with torchdiffeq's names and meaning.
-        solver: ``"dcn_fast"`` (the default: :mod:`dcn_fast.solver`, torchdiffeq's
+        solver: ``"dcn_fast"`` (:mod:`dcn_fast.solver`, torchdiffeq's
             semantics with fused stage arithmetic; methods ``dopri5``, ``bosh3``,
-            ``fehlberg2``, ``adaptive_heun``) or ``"torchdiffeq"`` (every
-            torchdiffeq method and option). ``gradient="adjoint"`` always trains
+            ``fehlberg2``, ``adaptive_heun``), ``"torchdiffeq"`` (every
+            torchdiffeq method and option), or None (the default): ``"dcn_fast"``
+            where it covers ``method`` and ``options``, else ``"torchdiffeq"``
+            (e.g. the fixed-grid ``rk4``). ``gradient="adjoint"`` always trains
             through torchdiffeq's ``odeint_adjoint``; the solves without a
             gradient then use ``solver``.
         gradient: how the solve is differentiated (step sizes count as
@@ -281,7 +283,7 @@ class ODEBlock(nn.Module):
         options: dict | None = None,
         adjoint_options: dict | None = None,
         replay: str | None = None,
-        solver: str = "dcn_fast",
+        solver: str | None = None,
         budget: int | None = None,
     ) -> None:
         super().__init__()
@@ -292,6 +294,9 @@ class ODEBlock(nn.Module):
                 raise ValueError(f"{name} must be > 0, got {tol!r}")
         if gradient not in GRADIENTS:
             raise ValueError(f"gradient must be one of {', '.join(map(repr, GRADIENTS))}, got {gradient!r}")
+        if solver is None:
+            covered = method in rk_solver.METHODS and not set(options or {}) - set(rk_solver.OPTIONS)
+            solver = "dcn_fast" if covered or budget is not None else "torchdiffeq"
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(map(repr, SOLVERS))}, got {solver!r}")
         if solver == "dcn_fast":

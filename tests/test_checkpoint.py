@@ -24,9 +24,9 @@ def _loss_weights(out: torch.Tensor) -> torch.Tensor:
     return torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
 
 
-def _model_gradients(name, gradient, images, labels, tol, replay=None):
+def _model_gradients(name, gradient, images, labels, tol, replay=None, solver=None):
     torch.manual_seed(0)
-    model = build(name, gradient=gradient, rtol=tol, atol=tol, replay=replay)
+    model = build(name, gradient=gradient, rtol=tol, atol=tol, replay=replay, solver=solver)
     model.double()
     x = images.clone().requires_grad_()
     logits = model(x)
@@ -37,14 +37,19 @@ def _model_gradients(name, gradient, images, labels, tol, replay=None):
     return logits.detach(), grads, nfe
 
 
-@pytest.mark.parametrize("tol, replay", [(1e-2, "step"), (1e-3, "step"), (1e-2, "stage"), (1e-3, "stage")])
+# Both solvers' replays (dcn_fast.solver and, with solver="torchdiffeq", dcn_fast.checkpoint).
+_SOLVES = [(1e-2, "step", "dcn_fast"), (1e-3, "step", "dcn_fast"), (1e-2, "stage", "dcn_fast"),
+           (1e-3, "stage", "dcn_fast"), (1e-3, "step", "torchdiffeq"), (1e-2, "stage", "torchdiffeq")]
+
+
+@pytest.mark.parametrize("tol, replay, solver", _SOLVES)
 @pytest.mark.parametrize("name", ["dcn-ode", "dcn-sigma-t", "odenet"])
-def test_model_gradients_equal_backprop_through_the_same_solve(name, tol, replay):
+def test_model_gradients_equal_backprop_through_the_same_solve(name, tol, replay, solver):
     """float64: the input, every parameter and every σ, at two tolerances, either replay."""
     images = torch.rand(2, 3, 8, 8, dtype=torch.float64)
     labels = torch.tensor([3, 7])
-    want_out, want, want_nfe = _model_gradients(name, "backprop", images, labels, tol)
-    got_out, got, got_nfe = _model_gradients(name, "checkpoint", images, labels, tol, replay)
+    want_out, want, want_nfe = _model_gradients(name, "backprop", images, labels, tol, solver=solver)
+    got_out, got, got_nfe = _model_gradients(name, "checkpoint", images, labels, tol, replay, solver)
     assert torch.equal(got_out, want_out)
     assert got.keys() == want.keys()
     assert any("scale" in n for n in got) == ("dcn" in name)  # every σ is among the compared gradients
@@ -56,10 +61,11 @@ def test_model_gradients_equal_backprop_through_the_same_solve(name, tol, replay
         scale = max(float(want[n].abs().max()), 1e-6 * largest)
         assert float((got[n] - want[n]).abs().max()) < 1e-9 * scale, n
     for (fwd, bwd), (fwd_bp, _) in zip(got_nfe, want_nfe):
-        # Backprop chooses its first step apart (one evaluation more); the replay repeats only
-        # the accepted steps: at most the forward's evaluations less the step-size probe
-        # (twice per stage replay: once without a graph, once with).
-        assert fwd == fwd_bp - 1
+        # torchdiffeq's backprop chooses its first step apart (one evaluation more; dcn_fast's
+        # solver shares the probe's evaluation); the replay repeats only the accepted steps: at
+        # most the forward's evaluations less the step-size probe (twice per stage replay: once
+        # without a graph, once with).
+        assert fwd == fwd_bp - (solver == "torchdiffeq")
         assert 0 < bwd <= (fwd - 1) * (2 if replay == "stage" else 1)
 
 
@@ -108,7 +114,9 @@ def test_triton_backend():
     assert block.nfe_forward > 0
     assert rel_err(got_out, want_out) < 1e-6
     for g, w in zip(got, want):
-        assert rel_err(g, w) < 1e-5  # float32: the replay repeats the forward's arithmetic
+        # float32: the replay repeats the forward's arithmetic, but sums each parameter's
+        # gradient step by step (backprop: in one graph's order) — rounding of order 1e-5.
+        assert rel_err(g, w) < 1e-4
 
 
 def test_only_the_input_or_only_the_parameters():

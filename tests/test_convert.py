@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # after tests/: its conftest stays the one imported
 from published import OfficialSrfInd, official_model  # noqa: E402
 
 from dcn_fast import SRFConv2d, cli  # noqa: E402

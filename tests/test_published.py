@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # after tests/: its conftest stays the one imported
 from published import published_dcn_ode, published_filters  # noqa: E402
 
 from dcn_fast import srf_filters_reference  # noqa: E402
