@@ -265,16 +265,13 @@ class RungeKutta:
         rtol, atol = (torch.tensor(v, dtype=self.dtype, device=y0.device) for v in (self.rtol, self.atol))
         scale = atol + torch.abs(y0) * rtol
         d0, d1 = _rms(y0 / scale).abs(), _rms(f0 / scale).abs()
-        if d0 < 1e-5 or d1 < 1e-5:
-            h0 = torch.tensor(1e-6, dtype=y0.dtype, device=y0.device)
-        else:
-            h0 = (0.01 * d0 / d1).abs()
+        # torchdiffeq's branches as torch.where: no host read (the sync-free solve starts here).
+        tiny = torch.tensor(1e-6, dtype=y0.dtype, device=y0.device)
+        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), tiny, (0.01 * d0 / d1).abs())
         f1 = self.func((t0.to(y0.device) + h0).to(self.real), y0 + h0 * f0)
         d2 = torch.abs(_rms((f1 - f0) / scale) / h0)
-        if d1 <= 1e-15 and d2 <= 1e-15:
-            h1 = torch.max(torch.tensor(1e-6, dtype=y0.dtype, device=y0.device), h0 * 1e-3)
-        else:
-            h1 = (0.01 / max(d1, d2)) ** (1.0 / float(self.tableau.order))
+        h1 = torch.where((d1 <= 1e-15) & (d2 <= 1e-15), torch.max(tiny, h0 * 1e-3),
+                         (0.01 / torch.maximum(d1, d2)) ** (1.0 / float(self.tableau.order)))
         return torch.min(100 * h0, h1.abs()).to(**dict(dtype=self.dtype, device=self.time_device))
 
     def next_step(self, dt: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:

@@ -205,8 +205,9 @@ def _load_weights(model: torch.nn.Module, state: dict, path: Path, model_name: s
 
 class _SolverWatch:
     """Names the ODE block whose solve failed: torchdiffeq stops a solve whose step
-    size underflows with a bare ``AssertionError``; this turns it into an error that
-    says which block and why it probably happened."""
+    size underflows with a bare ``AssertionError`` (dcn_fast's solver with a
+    ``RuntimeError`` that does not know the block); this turns either into an error
+    that says which block and why it probably happened."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model, self.last = model, None
@@ -222,7 +223,7 @@ class _SolverWatch:
     def watch(self, where: str):
         try:
             yield
-        except AssertionError as exc:
+        except (AssertionError, RuntimeError) as exc:
             if "underflow" not in str(exc) or self.last is None:
                 raise
             block = self.model.get_submodule(self.last)
