@@ -94,9 +94,10 @@ class ConcatSRF(nn.Module):
 
 
 def published_dcn_ode(**solver) -> nn.Module:
-    """DCN-ODE with the published SRF layers, initialised like ``build("dcn-ode")`` with seed 0."""
+    """DCN-ODE with the published SRF layers, initialised like ``build("dcn-ode")`` with seed 0,
+    solved by torchdiffeq as the official code is (unless ``solver=`` says otherwise)."""
     torch.manual_seed(0)
-    model = build("dcn-ode", **solver)
+    model = build("dcn-ode", **{"solver": "torchdiffeq", **solver})
     for func in [m for m in model.modules() if isinstance(m, ODEFunc)]:
         for name in ("conv1", "conv2"):
             ours = getattr(func, name).layer

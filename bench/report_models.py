@@ -1,4 +1,4 @@
-"""Markdown table of bench/test_model_step.py results.
+"""Markdown table of bench/test_model_step.py and bench/test_solver_step.py results.
 
     python bench/report_models.py bench/results/models-cpu.json
 """
@@ -21,17 +21,26 @@ def main(argv: list[str] | None = None) -> None:
           f"{machine.get('torch_threads')} threads, commit {machine.get('commit')}; batch {rows[0][0]['batch']}\n")
     gpu = rows[0][0].get("peak_memory_mib") is not None
     memory = "peak MiB" if gpu else "autograd-saved peak MiB"
-    print(f"| model | gradient | backend | s / step | vs published | NFE fwd / bwd | {memory} |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| model | gradient | solver | backend | s / step | vs published | NFE fwd / bwd | {memory} |")
+    print("|---|---|---|---|---|---|---|---|")
     for info, t in rows:
+        if "nfe_backward" not in info:  # a no-grad forward (bench/test_solver_step.py)
+            continue
         speedup = f"{published / t:.1f}×" if published else "–"
         peak = info.get("peak_memory_mib") if gpu else info.get("saved_tensors_peak_mib")
         mem = f"{peak:.0f}" if peak is not None else "–"
         # Files written before gradient= existed record adjoint: bool.
         gradient = info.get("gradient") or ("adjoint" if info.get("adjoint") else "backprop")
-        print(f"| {info['model']} | {gradient} | {info.get('backend', 'auto')} | "
+        solver = info.get("solver", "torchdiffeq" if info["model"] == "published-dcn-ode" else "–")
+        print(f"| {info['model']} | {gradient} | {solver} | {info.get('backend', 'auto')} | "
               f"{t:.2f} | {speedup} | "
               f"{info['nfe_forward']} / {info['nfe_backward']} | {mem} |")
+    forwards = [(info, t) for info, t in rows if "nfe_backward" not in info]
+    if forwards:
+        print(f"\n| no-grad forward | solver | batch | s | NFE |")
+        print("|---|---|---|---|---|")
+        for info, t in forwards:
+            print(f"| {info['model']} | {info['solver']} | {info['batch']} | {t:.2f} | {info['nfe_forward']} |")
 
 
 if __name__ == "__main__":

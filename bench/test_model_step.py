@@ -83,7 +83,6 @@ class _Release:
 @pytest.mark.parametrize("name, gradient, backend", CASES,
                          ids=[f"{n}-{g}{'' if b == 'auto' else '-' + b}" for n, g, b in CASES])
 def test_sgd_step(benchmark, batch, name, gradient, backend):
-    x, y = batch
     mode, _, replay = gradient.partition("-")
     solver = dict(gradient=mode, replay=replay or None)
     if name == "published-dcn-ode":
@@ -91,6 +90,11 @@ def test_sgd_step(benchmark, batch, name, gradient, backend):
     else:
         torch.manual_seed(0)
         model = build(name, backend=backend, **solver)
+    time_sgd_step(benchmark, model, *batch, model=name, gradient=gradient, backend=backend)
+
+
+def time_sgd_step(benchmark, model, x, y, **info) -> None:
+    """Benchmark one SGD step of ``model`` at initialisation; ``info`` (with NFE and memory) into extra_info."""
     model.to(DEVICE)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -116,10 +120,10 @@ def test_sgd_step(benchmark, batch, name, gradient, backend):
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
 
-    benchmark.group = "sgd step"
+    benchmark.group = benchmark.group or "sgd step"
     benchmark.pedantic(step, setup=setup, rounds=3, warmup_rounds=1 if DEVICE.type == "cuda" else 0)
     benchmark.extra_info.update(
-        model=name, gradient=gradient, backend=backend, batch=BATCH, device=str(DEVICE),
+        **info, batch=x.shape[0], device=str(DEVICE),
         nfe_forward=nfe["forward"], nfe_backward=nfe["backward"],
         peak_memory_mib=torch.cuda.max_memory_allocated() / 2**20 if DEVICE.type == "cuda" else None,
         saved_tensors_peak_mib=saved.peak / 2**20 if DEVICE.type == "cpu" else None,

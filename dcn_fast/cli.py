@@ -23,7 +23,7 @@ import torch
 
 from .functional import BACKENDS, srf_conv2d
 from .checkpoint import REPLAYS
-from .ode import GRADIENTS
+from .ode import GRADIENTS, SOLVERS
 from .shapes import BENCH_SIGMAS, DCN_BLOCK_LAYERS
 
 __all__ = ["main"]
@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--replay", choices=REPLAYS,
                        help="with --gradient checkpoint: hold one step's graph (step, default) or one "
                             "evaluation's (stage: less memory, slower)")
+    train.add_argument("--solver", choices=SOLVERS,
+                       help="the ODE solver: dcn_fast (its own Runge-Kutta solver, torchdiffeq's steps with fused "
+                            "stage arithmetic) or torchdiffeq (default: dcn_fast; the adjoint's backward solve "
+                            "is always torchdiffeq's)")
     train.add_argument("--seminorm", action=argparse.BooleanOptionalAction,
                        help="adjoint with torchdiffeq's seminorm: step control ignores the parameter adjoints")
     train.add_argument("--T", type=float, dest="T",

@@ -37,7 +37,7 @@ from .functional import BACKENDS
 from .models import MODELS, build
 from .modules import SRFConv2d
 from .checkpoint import REPLAYS
-from .ode import GRADIENTS, ODEBlock
+from .ode import GRADIENTS, SOLVERS, ODEBlock
 
 __all__ = ["TrainConfig", "train", "evaluate", "evaluate_checkpoint", "load_model", "train_split", "eval_split",
            "weights_checkpoint", "autocast", "changed_settings", "default_epochs", "lr_at", "SAMPLE_DEFAULTS"]
@@ -77,6 +77,7 @@ class TrainConfig:
     gradient: str = "checkpoint"  # how ODE solves are differentiated (dcn_fast.ode.GRADIENTS)
     replay: str | None = None  # checkpoint only: "step" (default) or "stage" (less memory, slower)
     seminorm: bool = False  # adjoint only: step control on the state (fewer backward steps)
+    solver: str | None = None  # "dcn_fast" or "torchdiffeq" (None: dcn_fast's where it covers the method)
     T: float | None = None  # end time of the ODE blocks (default: the model's, 2 for DCNs, 1 for ODE-Net)
     activation: str | None = None  # "relu" or "celu" (default: the model's)
     rtol: float = 1e-3
@@ -119,6 +120,8 @@ class TrainConfig:
                              f"got --replay {self.replay} with --gradient {self.gradient}")
         if self.seminorm and self.gradient != "adjoint":
             raise ValueError(f"--seminorm applies to --gradient adjoint only, got --gradient {self.gradient}")
+        if self.solver is not None and self.solver not in SOLVERS:
+            raise ValueError(f"--solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         if self.T is not None and not (math.isfinite(self.T) and self.T > 0):
             raise ValueError(f"--T must be a finite number > 0, got {self.T}")
         if self.T is not None and MODELS[self.model].stage != "ode":
@@ -189,6 +192,7 @@ def _build_model(config: TrainConfig) -> torch.nn.Module:
         atol=config.atol,
         gradient=config.gradient,
         replay=config.replay,
+        solver=config.solver,
         adjoint_options={"norm": "seminorm"} if config.seminorm else None,
         T=config.T,
         activation=config.activation,
@@ -417,6 +421,7 @@ def _summary(config: TrainConfig, epochs: int, history: list, best: dict, parame
         "parameters": parameters,
         "gradient": config.gradient,  # how the ODE solves were differentiated
         "replay": (config.replay or "step") if config.gradient == "checkpoint" else None,
+        "solver": config.solver or "dcn_fast",
         "epochs": epochs,
         "epochs_done": len(history),
         "train_images": n_train,

@@ -308,6 +308,7 @@ def test_learning_rate_schedules():
         ({"gradient": "adjoint", "replay": "stage"}, "--replay must be one of step, stage and needs --gradient"),
         ({"replay": "all"}, "--replay must be one of step, stage"),
         ({"gradient": "backprop", "seminorm": True}, "--seminorm applies to --gradient adjoint only"),
+        ({"solver": "scipy"}, "--solver must be one of dcn_fast, torchdiffeq, got 'scipy'"),
         ({"T": 0.0}, "--T must be a finite number > 0"),
         ({"T": float("nan")}, "--T must be a finite number > 0"),
         ({"model": "resnet-blocks", "T": 2.0}, "--T sets the end time of ODE blocks; resnet-blocks has none"),
@@ -365,6 +366,9 @@ def test_model_options_and_gradient_mode_reach_the_model(tmp_path):
     assert [(b.T, b.gradient, b.replay) for b in model.ode_blocks()] == [(2.0, "checkpoint", "stage")] * 3
     assert any(isinstance(m, torch.nn.CELU) for m in model.modules())
     assert not any(isinstance(m, torch.nn.ReLU) for m in model.modules())
+    assert {b.solver for b in model.ode_blocks()} == {"dcn_fast"}  # the default
+    model = _build_model(small_config(tmp_path, model="dcn-ode", solver="torchdiffeq"))
+    assert {b.solver for b in model.ode_blocks()} == {"torchdiffeq"}
 
 
 def test_test_images_per_class_evaluates_a_fixed_subset(tmp_path):
