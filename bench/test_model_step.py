@@ -93,16 +93,16 @@ def test_sgd_step(benchmark, batch, name, gradient, backend):
     time_sgd_step(benchmark, model, *batch, model=name, gradient=gradient, backend=backend)
 
 
-def time_sgd_step(benchmark, model, x, y, **info) -> None:
-    """Benchmark one SGD step of ``model`` at initialisation; ``info`` (with NFE and memory) into extra_info."""
-    model.to(DEVICE)
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+def time_sgd_step(benchmark, network, x, y, **info) -> None:
+    """Benchmark one SGD step of ``network`` at initialisation; ``info`` (with NFE and memory) into extra_info."""
+    network.to(DEVICE)
+    initial = {k: v.clone() for k, v in network.state_dict().items()}
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1, momentum=0.9)
     nfe = {}
     saved = SavedTensorPeak()
 
     def setup():
-        model.load_state_dict(initial)  # every round times the step at initialisation
+        network.load_state_dict(initial)  # every round times the step at initialisation
         optimizer.state.clear()
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
@@ -111,12 +111,12 @@ def time_sgd_step(benchmark, model, x, y, **info) -> None:
     def step():
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack) if DEVICE.type == "cpu" \
                 else nullcontext():
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(network(x), y)
             optimizer.zero_grad()
             loss.backward()
         optimizer.step()
-        nfe["forward"] = sum(b.nfe_forward for b in model.ode_blocks())
-        nfe["backward"] = sum(b.count_backward() for b in model.ode_blocks())
+        nfe["forward"] = sum(b.nfe_forward for b in network.ode_blocks())
+        nfe["backward"] = sum(b.count_backward() for b in network.ode_blocks())
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
 
