@@ -93,7 +93,7 @@ def build_cpu(verbose: bool | None = None) -> None:
     _quiet_cpp_extension().load(
         name=f"dcn_fast_cpu_{_cpu_tag()}",
         sources=[str(src / "cpu" / name) for name in ("srf_conv2d_kernel.cpp", "srf_dense_kernel.cpp",
-                                                        "rk_step_kernel.cpp")],
+                                                        "rk_step_kernel.cpp", "group_norm_act_kernel.cpp")],
         extra_cflags=["-O3", "-march=native", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .basis import HostReadback
-from . import solver as rk_solver
+from . import ops, solver as rk_solver
 from .checkpoint import REPLAYS, check_method, checkpointed_odeint
 from .functional import checked_radius
 from .modules import SRFConv2d
@@ -193,6 +193,35 @@ def group_norm(channels: int, groups: int | None = None) -> nn.GroupNorm:
     return nn.GroupNorm(groups or min(32, channels), channels)
 
 
+def _fused_activation(activation: nn.Module | None) -> tuple[str, float] | None:
+    """``(name, alpha)`` of ``activation`` for :func:`dcn_fast.ops.group_norm_act`, None if it has none.
+
+    None (no activation) is not fused: the op's ``"identity"`` variant is
+    slower than ATen's ``group_norm`` (fwd+bwd 234 vs 200 µs at [8, 32, 30, 30],
+    2-core CPU); the fusion pays only where it saves the activation's passes.
+    """
+    if type(activation) is nn.CELU:
+        return "celu", float(activation.alpha)
+    if type(activation) is nn.ReLU:
+        return "relu", 1.0
+    return None
+
+
+def norm_act(norm: nn.Module, input: torch.Tensor, activation: nn.Module | None) -> torch.Tensor:
+    """``activation(norm(input))`` (``norm(input)`` for None), as one fused op where there is one.
+
+    An ``nn.GroupNorm`` followed by ``nn.CELU`` or ``nn.ReLU`` runs
+    :func:`dcn_fast.ops.group_norm_act` on the CPU (one statistics pass, one
+    normalise–affine–activate pass, a fused backward); anything else, and other
+    devices, run the modules themselves.
+    """
+    fused = _fused_activation(activation) if type(norm) is nn.GroupNorm else None
+    if fused is not None and ops.group_norm_act_is_fused(input):
+        return ops.group_norm_act(input, norm.weight, norm.bias, norm.num_groups, norm.eps, *fused)
+    out = norm(input)
+    return out if activation is None else activation(out)
+
+
 class ODEFunc(nn.Module):
     """``f(t, h) = GN(conv2(t, act(GN(conv1(t, act(GN(h)))))))``; counts its evaluations in ``nfe``."""
 
@@ -215,8 +244,8 @@ class ODEFunc(nn.Module):
 
     def forward(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
-        out = self.conv1(t, self.act(self.norm1(h)))
-        out = self.conv2(t, self.act(self.norm2(out)))
+        out = self.conv1(t, norm_act(self.norm1, h, self.act))
+        out = self.conv2(t, norm_act(self.norm2, out, self.act))
         return self.norm3(out)
 
 

@@ -418,3 +418,99 @@ def _combine_backward(ctx, grad_output):
 
 torch.library.register_autograd("dcn_fast::rk_combine", _combine_backward, setup_context=_combine_setup_context,
                                 lib=_LIB)
+
+
+# --- GroupNorm followed by an activation (dcn_fast/ode.py's ODE function) ----
+#
+# ``act(group_norm(x))`` with ``act`` one of ACTIVATIONS_FUSED: one statistics
+# pass and one normalise–affine–activate pass in the C++ CPU kernel
+# (csrc/cpu/group_norm_act_kernel.cpp), a fused backward; the reference below is
+# the oracle in tests and the path on other devices and dtypes.
+
+#: Activations ``group_norm_act`` fuses (``alpha`` is CELU's).
+ACTIVATIONS_FUSED = ("identity", "relu", "celu")
+
+_LIB.define(
+    "group_norm_act(Tensor input, Tensor? weight, Tensor? bias, int groups, float eps, str activation, "
+    "float alpha) -> (Tensor, Tensor, Tensor)"
+)
+_LIB.define(
+    "group_norm_act_backward(Tensor grad, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
+    "int groups, str activation, float alpha, bool[3] output_mask) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def group_norm_act_reference(input, weight, bias, groups: int, eps: float, activation: str, alpha: float = 1.0):
+    """``act(F.group_norm(input, groups, weight, bias, eps))`` with PyTorch ops (differentiable to any order)."""
+    out = torch.nn.functional.group_norm(input, groups, weight, bias, eps)
+    if activation == "relu":
+        return torch.relu(out)
+    if activation == "celu":
+        # Not torch.celu: its backward rounds 1/alpha to float32 (2e-8 off in float64 for alpha != 1).
+        return torch.where(out > 0, out, alpha * torch.expm1(out.clamp(max=0) / alpha))
+    return out
+
+
+def group_norm_act_is_fused(input: torch.Tensor) -> bool:
+    """Whether :func:`group_norm_act` runs the fused kernel on ``input`` (float32/64 on the CPU)."""
+    return input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64) and cpu_kernel_available()
+
+
+def group_norm_act(input, weight, bias, groups: int, eps: float, activation: str, alpha: float = 1.0):
+    """``act(group_norm(input))``: the fused CPU kernel for float32/float64 CPU tensors, else the reference.
+
+    Args:
+        input: ``[N, C, *]``; weight, bias: None or ``[C]``; groups: divides C.
+        activation: one of :data:`ACTIVATIONS_FUSED`; alpha: CELU's α (≠ 0).
+    """
+    if activation not in ACTIVATIONS_FUSED:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS_FUSED))}, got {activation!r}")
+    if activation == "celu" and alpha == 0:
+        raise ValueError("alpha must not be 0 for activation='celu'")
+    if group_norm_act_is_fused(input):
+        return torch.ops.dcn_fast.group_norm_act(input, weight, bias, groups, eps, activation, alpha)[0]
+    return group_norm_act_reference(input, weight, bias, groups, eps, activation, alpha)
+
+
+@torch.library.register_fake("dcn_fast::group_norm_act", lib=_LIB)
+def _(input, weight, bias, groups, eps, activation, alpha):
+    stats = input.new_empty((input.shape[0], groups))
+    return torch.empty_like(input, memory_format=torch.contiguous_format), stats, stats.clone()
+
+
+@torch.library.register_fake("dcn_fast::group_norm_act_backward", lib=_LIB)
+def _(grad, input, mean, rstd, weight, bias, groups, activation, alpha, output_mask):
+    return (torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else None,
+            torch.empty_like(weight) if output_mask[1] and weight is not None else None,
+            torch.empty_like(bias) if output_mask[2] and bias is not None else None)
+
+
+def _norm_act_setup_context(ctx, inputs, output):
+    input, weight, bias, groups, eps, activation, alpha = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(input, mean, rstd, weight, bias)
+    ctx.arguments = (groups, eps, activation, alpha)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _norm_act_backward(ctx, grad, _grad_mean, _grad_rstd):
+    input, mean, rstd, weight, bias = ctx.saved_tensors
+    groups, eps, activation, alpha = ctx.arguments
+    mask = list(ctx.needs_input_grad[:3])
+    if torch.is_grad_enabled():
+        # create_graph=True: the reference's autograd on the saved (graph-connected)
+        # tensors gives a gradient that differentiates again.
+        operands = (input, weight, bias)
+        asked = [t for t, need in zip(operands, mask) if need]
+        with torch.enable_grad():
+            out = group_norm_act_reference(input, weight, bias, groups, eps, activation, alpha)
+            grads = iter(torch.autograd.grad(out, asked, grad, create_graph=True))
+        return (*(next(grads) if need else None for need in mask), None, None, None, None)
+    grads = torch.ops.dcn_fast.group_norm_act_backward(
+        grad.contiguous(), input, mean, rstd, weight, bias, groups, activation, alpha, mask
+    )
+    return (*grads, None, None, None, None)
+
+
+torch.library.register_autograd("dcn_fast::group_norm_act", _norm_act_backward,
+                                setup_context=_norm_act_setup_context, lib=_LIB)
