@@ -133,7 +133,7 @@ def test_scale_is_read_back_only_after_it_changed(monkeypatch):
 
     reads = []
     real = modules.checked_radius
-    monkeypatch.setattr(modules, "checked_radius", lambda *a: reads.append(1) or real(*a))
+    monkeypatch.setattr(modules, "checked_radius", lambda *a, **k: reads.append(1) or real(*a, **k))
     torch.manual_seed(0)
     layer = SRFConv2d(3, 4, init_scale=0.0, learn_scale=True)
     x = torch.randn(2, 3, 20, 20)
