@@ -60,6 +60,11 @@ class SRFConv2d(nn.Module):
     a learned σ and ``padding`` other than ``"same"`` on an accelerator, σ is
     read every call (K sets the output size there).
 
+    Under ``torch.compile`` σ is read once, while dynamo traces: the graph is
+    specialised on that radius (``fullgraph=True`` holds). A σ that outgrows
+    it raises on the CPU (:data:`~dcn_fast.basis.OUTGROWN_RADIUS_ERROR`) and
+    gives NaN on an accelerator; retrace with ``torch.compiler.reset()``.
+
     Example:
         >>> layer = SRFConv2d(3, 16, init_scale=0.0)
         >>> layer(torch.randn(8, 3, 32, 32)).shape
