@@ -20,7 +20,7 @@ setup(
     # too; the Triton kernels (kernels/) import as dcn_fast.kernels.
     package_dir={"dcn_fast.csrc": "csrc", "dcn_fast.kernels": "kernels"},
     package_data={"dcn_fast.csrc": ["*.h", "cpu/*.cpp", "cuda/*.cu"], "dcn_fast.data": ["cifar10-sample.tar.xz"]},
-    install_requires=["torch>=2.6,<3", "torchdiffeq>=0.2.3", "ninja", "numpy", "pillow", "tqdm", "matplotlib>=3.5"],
+    install_requires=["torch>=2.11,<3", "torchdiffeq>=0.2.3", "ninja", "numpy", "pillow", "tqdm", "matplotlib>=3.5"],
     extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
     entry_points={"console_scripts": ["dcn-fast = dcn_fast.cli:main"]},
 )

@@ -22,6 +22,7 @@ __all__ = [
     "srf_taps",
     "basis_from_taps",
     "HostReadback",
+    "constant_while_tracing",
 ]
 
 #: Largest tap radius any backend accepts (kernel size ``2 * MAX_RADIUS + 1``).
@@ -83,6 +84,11 @@ def _taps_forward(scale: torch.Tensor, order: int, radius: int, truncate: float 
         # A σ wider than the layout (a radius read before σ changed) would lose its outer
         # taps without a trace; NaN taps make that visible instead.
         g = g.masked_fill(reach > radius + RADIUS_SLACK, math.nan)
+        if torch.compiler.is_compiling() and scale.device.type == "cpu":
+            # A compiled graph holds the radius it was traced with (HostReadback): say so
+            # rather than return NaN. (On an accelerator this assertion would be a device-side
+            # assert, which leaves the device unusable: NaN taps there.)
+            torch._assert_async((reach <= radius + RADIUS_SLACK).all(), OUTGROWN_RADIUS_ERROR)
     g_hat = g / g.sum(-1, keepdim=True)
     u = x / (math.sqrt(2.0) * sigma)
     hermite = _hermite(u, order)
@@ -90,6 +96,13 @@ def _taps_forward(scale: torch.Tensor, order: int, radius: int, truncate: float 
     taps = torch.stack([sign[n] * hermite[n] * g_hat for n in range(order + 1)], -2)
     return taps, sigma, x, g_hat, u, hermite, sign
 
+
+#: A compiled graph's σ outgrew the tap radius it was traced with (CPU; NaN taps on accelerators).
+OUTGROWN_RADIUS_ERROR = (
+    "dcn_fast: σ outgrew the tap radius this torch.compile graph was traced with (a compiled SRF layer reads "
+    "its radius once, when the graph is traced); retrace it (torch.compiler.reset(), then call it again) or "
+    "run the layer eagerly"
+)
 
 #: The one error of every fast path asked for a gradient of a gradient.
 DOUBLE_BACKWARD_ERROR = (
@@ -163,6 +176,25 @@ def basis_from_taps(taps: torch.Tensor, order: int) -> torch.Tensor:
     return rows[..., :, None] * cols[..., None, :]
 
 
+def constant_while_tracing(fn: Callable[..., _Value]) -> Callable[..., _Value]:
+    """``torch.compiler.assume_constant_result(fn)``: dynamo calls ``fn`` while it traces
+    (tensor arguments as their real values) and keeps the result as a constant of the graph.
+
+    That decorator imports ``torch._dynamo``, which imports Triton, and Triton reads
+    ``TRITON_INTERPRET`` when it is first imported: importing dcn_fast must not do that
+    (tests/test_compile.py checks both), so this sets the decorator's one mark itself.
+    """
+    fn._dynamo_marked_constant = True  # what assume_constant_result does (torch 2.11 to 2.15)
+    return fn
+
+
+@constant_while_tracing
+def _read_while_tracing(compute: Callable[..., _Value], *params: torch.Tensor, **options) -> _Value:
+    # Dynamo calls this with the real parameters while it traces and keeps the result
+    # as a constant of the graph (no guard on the parameters' values).
+    return compute(*params, **options)
+
+
 class HostReadback:
     """A host value derived from parameters (a tap radius), recomputed only after they change.
 
@@ -175,6 +207,12 @@ class HostReadback:
     as well; on an accelerator :func:`srf_taps` turns the taps of a σ that
     outgrew the radius into NaN, and a σ that shrank keeps exact taps (zeros
     past its own radius) under ``"same"`` padding.
+
+    Under ``torch.compile`` the value is read from the parameters when the graph
+    is traced and is a constant of that graph (no graph break, no host read per
+    call): the compiled graph is specialised on it. A σ that later outgrows it
+    gives NaN taps, on the CPU a RuntimeError (:func:`srf_taps`); one that
+    shrank keeps exact taps under ``"same"`` padding.
     """
 
     def __init__(self) -> None:
@@ -182,14 +220,17 @@ class HostReadback:
         self._values: tuple[torch.Tensor | None, ...] = ()
         self._value = None
 
-    def get(self, params: Sequence[torch.Tensor], compute: Callable[[], _Value]) -> _Value:
-        """``compute()`` if any of ``params`` changed since the last call, else its cached result."""
+    def get(self, params: Sequence[torch.Tensor], compute: Callable[..., _Value], **options) -> _Value:
+        """``compute(*params, **options)`` if any of ``params`` changed since the last call, else its cached
+        result; while torch.compile traces, the parameters' value at that moment."""
+        if torch.compiler.is_compiling():
+            return _read_while_tracing(compute, *params, **options)
         key = tuple((p._version, p.data_ptr(), p.device) for p in params)
         unchanged = key == self._key and all(
             p.device.type != "cpu" or torch.equal(p.detach(), seen) for p, seen in zip(params, self._values)
         )
         if not unchanged:
-            self._value = compute()  # raises (and caches nothing) for an invalid scale
+            self._value = compute(*params, **options)  # raises (and caches nothing) for an invalid scale
             self._key = key
             self._values = tuple(p.detach().clone() if p.device.type == "cpu" else None for p in params)
         return self._value

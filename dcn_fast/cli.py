@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .arguments import OneLineErrors, positive_int, sigma_value
 from .functional import BACKENDS, srf_conv2d
 from .checkpoint import REPLAYS
 from .ode import GRADIENTS, SOLVERS
@@ -131,27 +132,6 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _sigma(text: str) -> float:
-    value = float(text)
-    if not (0.1 <= value <= 30):
-        raise argparse.ArgumentTypeError(f"sigma must be in [0.1, 30], got {value}")
-    return value
-
-
-class OneLineErrors(argparse.ArgumentParser):
-    """Usage errors as one line on stderr (the command, the message, where to look), exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrors(prog="dcn-fast", description="Fast SRF convolutions and Deep Continuous Networks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
@@ -161,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Checks every backend against the published construction, then times forward+backward "
         "at the three DCN block shapes (33->32 @30x30, 65->64 @15x15, 129->128 @7x7).",
     )
-    bench.add_argument("--batch", type=_positive_int, default=8, help="batch size (default: 8)")
+    bench.add_argument("--batch", type=positive_int, default=8, help="batch size (default: 8)")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     bench.add_argument(
         "--backends",
@@ -170,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=["separable", "cpu"] if not torch.cuda.is_available() else ["separable", "triton"],
         help="backends to compare with the reference",
     )
-    bench.add_argument("--sigmas", nargs="+", type=_sigma, default=list(BENCH_SIGMAS), help="σ values (default: 0.5 1 2)")
-    bench.add_argument("--repeats", type=_positive_int, default=5, help="timed repetitions (default: 5)")
+    bench.add_argument("--sigmas", nargs="+", type=sigma_value, default=list(BENCH_SIGMAS), help="σ values (default: 0.5 1 2)")
+    bench.add_argument("--repeats", type=positive_int, default=5, help="timed repetitions (default: 5)")
     bench.set_defaults(run=bench_layer)
 
     from .models import MODELS
@@ -188,11 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-root", help="CIFAR-10: torchvision folder, JPEG tree or .tar.xz (default: shipped sample)")
     train.add_argument("--download", action="store_true", default=None,
                        help="download CIFAR-10 into --data-root (torchvision)")
-    train.add_argument("--images-per-class", type=_positive_int, help="small-data subset, n images per class")
-    train.add_argument("--test-images-per-class", type=_positive_int,
+    train.add_argument("--images-per-class", type=positive_int, help="small-data subset, n images per class")
+    train.add_argument("--test-images-per-class", type=positive_int,
                        help="evaluate on this many test images per class (default: the whole test set)")
-    train.add_argument("--epochs", type=_positive_int, help="default: 100, more for small subsets")
-    train.add_argument("--batch-size", type=_positive_int, help="global batch size (default: 128)")
+    train.add_argument("--epochs", type=positive_int, help="default: 100, more for small subsets")
+    train.add_argument("--batch-size", type=positive_int, help="global batch size (default: 128)")
     train.add_argument("--lr", type=float, help="initial learning rate (default: 0.1)")
     train.add_argument("--momentum", type=float, help="SGD momentum (default: 0.9)")
     train.add_argument("--weight-decay", type=float, help="SGD weight decay (default: 0)")
@@ -225,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rtol", type=float, help="solver relative tolerance (default: 1e-3)")
     train.add_argument("--atol", type=float, help="solver absolute tolerance (default: 1e-3)")
     train.add_argument("--backend", choices=BACKENDS, help="SRF backend (default: auto)")
-    train.add_argument("--eval-batch-size", type=_positive_int, help="test-set batch (default: 500)")
+    train.add_argument("--eval-batch-size", type=positive_int, help="test-set batch (default: 500)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from last.pt with its saved settings; options given "
                             "explicitly override them")
@@ -236,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by dcn-fast train")
     evaluate.add_argument("--data-root", help="CIFAR-10 location (default: the one the run used)")
     evaluate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=500, help="evaluation batch (default: 500)")
+    evaluate.add_argument("--batch-size", type=positive_int, default=500, help="evaluation batch (default: 500)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=run_eval)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import OneLineErrors
+from .arguments import OneLineErrors
 from .models import MODELS, build
 from .modules import scale_from_published
 from .runfiles import save_checkpoint

@@ -328,7 +328,7 @@ def srf_conv2d(
             ``"triton"`` (CUDA). One that cannot serve the call raises ValueError.
         taps: optional taps from :func:`srf_taps_for` for this ``scale`` (and
             the same order, truncate, kernel_size), to reuse them across calls
-            (the ``reference`` backend rebuilds its filter regardless).
+            (the ``reference`` backend rebuilds its filter regardless, at their radius).
 
     Returns:
         ``[B, C_out, Ho, Wo]`` with ``Ho = (H + 2 pH - K) // sH + 1``.
@@ -346,8 +346,10 @@ def srf_conv2d(
         # "same" stays symbolic: the reference pads by its own filter's radius, which is
         # smaller than spec's when taps were laid out at a bound (σ(t) layers).
         same_or_pad = "same" if padding == "same" else spec.padding
+        # Given taps fix the radius: no host read of σ (torch.compile traces it as one graph).
         return srf_conv2d_reference(
-            input, scale, alpha, order, truncate, spec.stride, same_or_pad, groups, bias, kernel_size
+            input, scale, alpha, order, truncate, spec.stride, same_or_pad, groups, bias, kernel_size,
+            None if taps is None else spec.radius,
         )
     input, alpha = input.to(dtype), alpha.to(dtype)
     if taps is None:

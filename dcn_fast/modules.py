@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .basis import HostReadback, num_basis, srf_taps
-from .functional import BACKENDS, IntPair, Padding, check_options, checked_radius, srf_conv2d, truncation_radius
+from .basis import OUTGROWN_RADIUS_ERROR, HostReadback, num_basis, srf_taps
+from .functional import (BACKENDS, IntPair, Padding, _radius_tensor, check_options, checked_radius, srf_conv2d,
+                         truncation_radius)
 from .geometry import resolve_padding
 from .separable import dense_filters
 
@@ -58,6 +59,11 @@ class SRFConv2d(nn.Module):
     past the cached kernel gives NaN, never a silently truncated filter. With
     a learned σ and ``padding`` other than ``"same"`` on an accelerator, σ is
     read every call (K sets the output size there).
+
+    Under ``torch.compile`` σ is read once, while dynamo traces: the graph is
+    specialised on that radius (``fullgraph=True`` holds). A σ that outgrows
+    it raises on the CPU (:data:`~dcn_fast.basis.OUTGROWN_RADIUS_ERROR`) and
+    gives NaN on an accelerator; retrace with ``torch.compiler.reset()``.
 
     Example:
         >>> layer = SRFConv2d(3, 16, init_scale=0.0)
@@ -152,12 +158,18 @@ class SRFConv2d(nn.Module):
         return self.taps_at(self.scale, self._current_radius())
 
     def _current_radius(self) -> int:
-        def read() -> int:
+        # With padding other than "same", K sets the output size: the radius must be σ's own.
+        exact = self.padding != "same" and self.fixed_kernel_size is None
+        if exact and self.scale.device.type != "cpu":
+            # Read every call (under torch.compile: a graph break, see the class docstring).
             return checked_radius(self.scale, self.truncate, self.fixed_kernel_size)
-
-        if self.padding != "same" and self.fixed_kernel_size is None and self.scale.device.type != "cpu":
-            return read()
-        return self._radius_readback.get((self.scale,), read)
+        radius = self._radius_readback.get(
+            (self.scale,), checked_radius, truncate=self.truncate, kernel_size=self.fixed_kernel_size
+        )
+        if exact and torch.compiler.is_compiling():
+            # The graph holds the radius it was traced with; a σ that shrank would change eager's K too.
+            torch._assert_async(_radius_tensor(self.scale, self.truncate) == radius, OUTGROWN_RADIUS_ERROR)
+        return radius
 
     def taps_at(self, scale: torch.Tensor, radius: int) -> torch.Tensor:
         """This layer's taps (its order and truncation) for any ``scale``, laid out at ``radius``:

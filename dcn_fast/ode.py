@@ -125,20 +125,7 @@ class TimeConv(nn.Module):
         radius), so an evaluation reads nothing back to the host: the
         coefficients are read once after each change (:class:`HostReadback`).
         """
-        return self._bound_readback.get(self._law_parameters(), self._read_radius_bound)
-
-    def _read_radius_bound(self) -> int:
-        coeffs = torch.cat([p.detach().reshape(1) for p in self._law_parameters()]).double().tolist()  # one read
-        intercept, slope, square = coeffs + [0.0] * (3 - len(coeffs))
-        ends = [TAU * T_MIN, TAU * T_MAX]
-        # The vertex, clipped to the interval, may be the highest (concave) or lowest (convex) point.
-        vertex = [min(max(-slope / (2 * square), ends[0]), ends[1])] if square else []
-        values = [intercept + slope * s + square * s * s for s in ends + vertex]
-        # Both ends of log2 σ(t) over the interval: the lowest is held to MIN_SCALE like any
-        # scale; the highest sets the radius (the margin covers float32 rounding of σ(t) on
-        # the device: the extra taps are zeros).
-        span = torch.tensor([min(values), max(values) + 1e-6], dtype=torch.float64)
-        return checked_radius(span, self.layer.truncate, None)
+        return self._bound_readback.get(self._law_parameters(), _read_radius_bound, truncate=self.layer.truncate)
 
     def _weights(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scale, alpha, taps) of the SRF kinds at time t."""
@@ -186,6 +173,21 @@ class TimeConv(nn.Module):
             return ((pos >= 0) & (pos < n)).to(w_t.dtype)
 
         return torch.einsum("oac,ha,wc->ohw", w_t, inside(size[0]), inside(size[1]))[None].to(like.dtype)
+
+
+def _read_radius_bound(*law_parameters: torch.Tensor, truncate: float) -> int:
+    """:meth:`TimeConv.radius_bound` from the law's parameters: one host read."""
+    coeffs = torch.cat([p.detach().reshape(1) for p in law_parameters]).double().tolist()  # one read
+    intercept, slope, square = coeffs + [0.0] * (3 - len(coeffs))
+    ends = [TAU * T_MIN, TAU * T_MAX]
+    # The vertex, clipped to the interval, may be the highest (concave) or lowest (convex) point.
+    vertex = [min(max(-slope / (2 * square), ends[0]), ends[1])] if square else []
+    values = [intercept + slope * s + square * s * s for s in ends + vertex]
+    # Both ends of log2 σ(t) over the interval: the lowest is held to MIN_SCALE like any
+    # scale; the highest sets the radius (the margin covers float32 rounding of σ(t) on
+    # the device: the extra taps are zeros).
+    span = torch.tensor([min(values), max(values) + 1e-6], dtype=torch.float64)
+    return checked_radius(span, truncate, None)
 
 
 def group_norm(channels: int, groups: int | None = None) -> nn.GroupNorm:

@@ -38,7 +38,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .basis import DOUBLE_BACKWARD_ERROR
+from .basis import DOUBLE_BACKWARD_ERROR, constant_while_tracing
 from .geometry import output_size
 
 __all__ = [
@@ -265,10 +265,15 @@ _FALLBACK = {
 }
 
 
+# torch.compile cannot trace the lock (dynamo: "Unsupported context manager"), and a
+# build has no place in a graph: dynamo calls this function at trace time and keeps
+# its result as a constant of the graph. That is exact, since the answer is decided
+# once per process and never changes.
+@constant_while_tracing
 def _kernels_available(target: str) -> bool:
     """Build (once) and load the ``target`` kernels; False, after one RuntimeWarning naming the cause, if impossible."""
     state = _state[target]
-    if "ok" in state:  # decided: no lock (and traceable by torch.compile)
+    if "ok" in state:  # decided: no lock
         return bool(state["ok"])
     with _lock:
         if "ok" not in state:

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .basis import RADIUS_SLACK
 from .geometry import resolve_padding
 
 __all__ = ["srf_filters_reference", "srf_conv2d_reference"]
@@ -25,6 +26,7 @@ def srf_filters_reference(
     order: int,
     truncate: float = 2.0,
     kernel_size: int | None = None,
+    radius: int | None = None,
 ) -> torch.Tensor:
     """Dense SRF filters ``[C_out, C_in/groups, K, K]``, published construction.
 
@@ -35,18 +37,26 @@ def srf_filters_reference(
         order: N-jet order N, ``F = (N+1)(N+2)/2``.
         truncate: radius ``ceil(truncate * σ + 0.5)`` when ``kernel_size`` is None.
         kernel_size: fixed odd K (offsets ``-(K//2)..K//2``, no truncation).
+        radius: with ``kernel_size`` None, lay the filters out at this radius
+            instead of reading σ's back to the host (the published code's
+            ``.item()``, a graph break under ``torch.compile``): each σ is
+            zeroed past its own radius, so the filters are the published ones
+            with a rim of zeros; a σ whose radius exceeds it gives NaN.
     """
     sigma = 2.0**scale
-    if kernel_size is None:
+    bounded = kernel_size is None and radius is not None
+    if kernel_size is not None:
+        radius = kernel_size // 2
+    elif radius is None:
         # The published code reads the radius back to the host here.
         radius = int(torch.ceil(truncate * sigma.max() + 0.5).item())
-    else:
-        radius = kernel_size // 2
     x = torch.arange(-radius, radius + 1, dtype=scale.dtype, device=scale.device)
     s = sigma[..., None]
     gauss = torch.exp(-(x * x) / (2.0 * s * s)) / (math.sqrt(2.0 * math.pi) * s)
-    if kernel_size is None and scale.numel() > 1:
+    if kernel_size is None and (scale.numel() > 1 or bounded):
         gauss = gauss * (x.abs() <= torch.ceil(truncate * s + 0.5))
+    if bounded:
+        gauss = gauss.masked_fill(truncate * s + 0.5 > radius + RADIUS_SLACK, math.nan)
     gauss = gauss / gauss.sum(-1, keepdim=True)
 
     u = x / (math.sqrt(2.0) * s)
@@ -77,9 +87,11 @@ def srf_conv2d_reference(
     groups: int,
     bias: torch.Tensor | None,
     kernel_size: int | None,
+    radius: int | None = None,
 ) -> torch.Tensor:
     """Published SRF convolution; arguments as in :func:`dcn_fast.functional.srf_conv2d`,
-    already validated (``padding`` is ``"same"``, ``"valid"`` or a pair)."""
-    weight = srf_filters_reference(scale, alpha, order, truncate, kernel_size)
+    already validated (``padding`` is ``"same"``, ``"valid"`` or a pair); ``radius`` as in
+    :func:`srf_filters_reference`."""
+    weight = srf_filters_reference(scale, alpha, order, truncate, kernel_size, radius)
     pad = resolve_padding(padding, weight.shape[-1] // 2)
     return F.conv2d(input, weight, bias, stride=stride, padding=pad, groups=groups)

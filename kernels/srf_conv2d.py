@@ -462,7 +462,9 @@ def backward(grad_out, input, taps, alpha, order, stride, padding, needs):
             grad_resp, taps32, order, "responses_h", order + 1, (height, out_w), stride[0], padding[0], 0, True,
             store=False, correlate=(x, stride[1], padding[1], col_part),
         )
-        grad_taps = tap_part.sum(0)[: order + 1, :k].to(taps.dtype)
+        # Sliced before the reduction, so that the result is contiguous, as the op promises (its fake
+        # kernel's strides; torch.compile checks them): a slice of the sum is not when K < K_PAD.
+        grad_taps = tap_part[:, : order + 1, :k].sum(0).to(taps.dtype)
     if need_input:
         grad_input = _one_d_pass(grad_v, taps32, order, "rows", 1, (height, width), stride[0], padding[0], 0, True,
                                  dtype=x.dtype)[:, 0]

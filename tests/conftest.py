@@ -1,3 +1,4 @@
+import re
 import shutil
 
 import pytest
@@ -20,6 +21,23 @@ def cpu_kernel_or_skip():
     if not is_ninja_available():
         pytest.skip("ninja is not installed (pip install ninja): the 'cpu' backend falls back to 'separable'")
     assert ops.cpu_kernel_available(), f"C++ kernel failed to build: {ops._state.get('error')}"
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """(major, minor) of a version string, compared as numbers ("3.10" > "3.6")."""
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+def triton_interpreter_broken() -> str | None:
+    """Why Triton's CPU interpreter cannot run here, or None. Triton 3.6's interpreter fails with
+    numpy >= 2.4 (the GPU machine's torch 2.11 pins triton 3.6: install "numpy<2.4" with it)."""
+    import numpy
+    import triton
+
+    if _version(triton.__version__) <= (3, 6) and _version(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s CPU interpreter does not work with numpy {numpy.__version__} "
+                "(>= 2.4); install numpy<2.4 to run the Triton tests off a GPU")
+    return None
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

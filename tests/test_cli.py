@@ -281,3 +281,78 @@ def test_a_run_stopped_in_its_first_epoch_leaves_no_folder(tmp_path, capsys, mon
     err = one_line_error(capsys, ["train", *SMALL, "--epochs", "2", "--out", str(out)])
     assert "training loss is nan at epoch 1, step 1 of 2: stopped; no checkpoint was written" in err
     assert not out.exists()
+
+
+# --- argument types (dcn_fast/arguments.py), shared by the CLI, the experiments and convert ---------
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench-layer", "--batch", "0"], "argument --batch: must be >= 1, got 0"),
+        (["bench-layer", "--sigmas", "40"], "argument --sigmas: sigma must be in [0.1, 30], got 40.0"),
+        (["train", "--epochs", "-3"], "argument --epochs: must be >= 1, got -3"),
+        (["experiment", "scales", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+        (["experiment", "scales", "--lr", "-1"], "argument --lr: must be a finite number > 0, got -1"),
+    ],
+)
+def test_argument_types_give_one_line_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "(see dcn-fast" in err, err
+
+
+def _imports(path, package: str) -> set[str]:
+    """The dcn_fast modules ``path`` imports, anywhere in it (inside functions too)."""
+    import ast
+
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            name = ".".join(base + ([node.module] if node.module else []))
+            modules.add(name)
+            modules.update(f"{name}.{alias.name}" for alias in node.names)
+    return {m for m in modules if m.split(".")[0] == "dcn_fast"}
+
+
+def test_the_package_has_no_import_circle():
+    """No dcn_fast module imports, even lazily, one that leads back to it (the CLI imports the experiments,
+    which take their argument types from dcn_fast.arguments, not from the CLI)."""
+    import pathlib
+
+    import dcn_fast
+
+    root = pathlib.Path(dcn_fast.__file__).parent
+    files = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        files[name] = (path, name if parts[-1] == "__init__" else ".".join(parts[:-1]))
+    graph = {name: {m for m in _imports(path, package) if m in files and m != name}
+             for name, (path, package) in files.items()}
+    # A package's own __init__ is imported on the way to any of its modules: not an edge of a circle.
+    graph = {name: {m for m in edges if not name.startswith(m + ".")} for name, edges in graph.items()}
+    state, circle = {}, []
+
+    def visit(name, path):
+        state[name] = "open"
+        for nxt in sorted(graph[name]):
+            if state.get(nxt) == "open":
+                circle.extend(path[path.index(nxt):] + [nxt])
+                return True
+            if nxt not in state and visit(nxt, path + [nxt]):
+                return True
+        state[name] = "done"
+        return False
+
+    for name in sorted(graph):
+        if name not in state and visit(name, [name]):
+            break
+    assert not circle, " -> ".join(circle)
+    assert "dcn_fast.arguments" in graph["dcn_fast.experiments.common"]
+    assert "dcn_fast.cli" not in graph["dcn_fast.experiments.common"]

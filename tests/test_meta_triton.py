@@ -10,6 +10,11 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 triton = pytest.importorskip("triton", reason="the triton backend needs the triton package")
+if not torch.cuda.is_available():
+    from conftest import triton_interpreter_broken
+
+    if triton_interpreter_broken():
+        pytest.skip(triton_interpreter_broken(), allow_module_level=True)
 
 from conftest import rel_err  # noqa: E402
 

@@ -195,24 +195,6 @@ def test_cpu_backward_is_deterministic(backend):
         assert torch.equal(g1, g2)
 
 
-def test_functional_under_torch_compile_fullgraph(backend):
-    """With precomputed taps (no host read of σ) srf_conv2d compiles as one graph, backward included."""
-    from dcn_fast.functional import srf_taps_for
-
-    (sample,) = sample_inputs(requires_grad=True, names=["batch1-stride2-groups-bias"])
-    x, s, a, b = sample.tensors
-    taps = srf_taps_for(s, order=sample.kwargs["order"])
-
-    def f(x, taps, a, b):
-        return srf_conv2d(x, s, a, bias=b, taps=taps, backend=backend, **sample.kwargs).relu().sum()
-
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    got, want = compiled(x, taps, a, b), f(x, taps, a, b)
-    assert rel_err(got, want) < 1e-12
-    for g, e in zip(torch.autograd.grad(got, (x, a, b)), torch.autograd.grad(want, (x, a, b))):
-        assert rel_err(g, e) < 1e-12
-
-
 # --- argument errors ------------------------------------------------------
 
 X = torch.randn(1, 3, 8, 8)

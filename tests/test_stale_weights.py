@@ -15,9 +15,9 @@ def test_host_readback_recomputes_after_every_kind_of_write():
     p = torch.nn.Parameter(torch.zeros(3))
     cache, calls = HostReadback(), []
 
-    def read():
+    def read(param):
         calls.append(1)
-        return float(p.detach().sum())
+        return float(param.detach().sum())
 
     assert cache.get((p,), read) == 0.0 and cache.get((p,), read) == 0.0 and len(calls) == 1
     with torch.no_grad():

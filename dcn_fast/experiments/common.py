@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from ..arguments import positive_float, positive_int
 from ..data import CIFAR10, load_cifar10
 from ..functional import BACKENDS
 from ..ode import GRADIENTS
@@ -27,7 +28,7 @@ from ..runfiles import check_output_folder, write_json
 from ..train import TrainConfig, changed_settings, eval_split, load_model, train
 
 __all__ = ["QUICK_TRAINING", "QUICK_STUDIED", "TRAINING_OPTIONS", "Experiment", "Studied", "add_common_arguments",
-           "add_studied_arguments", "mean_std", "pyplot", "positive_float"]
+           "add_studied_arguments", "mean_std", "pyplot"]
 
 #: What ``--quick`` trains with: one epoch in batches of 20, loose tolerances, tested on
 #: 10 images per class; each experiment chooses the training images (a per-class subset).
@@ -45,17 +46,8 @@ TRAINING_OPTIONS = ("epochs", "batch_size", "lr", "gradient", "rtol", "atol", "b
                     "test_images_per_class")
 
 
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
 def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     """The options of every ``dcn-fast experiment NAME``."""
-    from ..cli import _positive_int  # the CLI's own check (imported here: the CLI imports this module)
-
     parser.add_argument("--out", help=f"output folder (default: runs/{name}-<date>-<time>); running the same "
                                       "command again reuses its finished trainings and resumes unfinished ones")
     parser.add_argument("--quick", action="store_true",
@@ -67,15 +59,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     training = parser.add_argument_group("training (of the models the experiment trains; default: the paper's "
                                          "protocol, or --quick's)")
-    training.add_argument("--epochs", type=_positive_int, help="epochs of every training")
-    training.add_argument("--batch-size", type=_positive_int, help="batch size")
+    training.add_argument("--epochs", type=positive_int, help="epochs of every training")
+    training.add_argument("--batch-size", type=positive_int, help="batch size")
     training.add_argument("--lr", type=positive_float, help="initial learning rate")
     training.add_argument("--gradient", choices=GRADIENTS, help="how ODE solves are differentiated")
     training.add_argument("--rtol", type=positive_float, help="solver relative tolerance")
     training.add_argument("--atol", type=positive_float, help="solver absolute tolerance")
     training.add_argument("--backend", choices=BACKENDS, help="SRF backend")
     training.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
-    training.add_argument("--test-images-per-class", type=_positive_int,
+    training.add_argument("--test-images-per-class", type=positive_int,
                           help="test images per class evaluated (default: all; --quick: 10, or 2 where it "
                                "studies trained models)")
 
