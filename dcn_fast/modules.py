@@ -5,15 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .basis import HostReadback, num_basis, srf_taps
+from .basis import SCALE_SHARING, HostReadback, num_basis, srf_taps
 from .functional import BACKENDS, IntPair, Padding, check_options, checked_radius, srf_conv2d, truncation_radius
 from .geometry import resolve_padding
 from .separable import dense_filters
 
 __all__ = ["SRFConv2d", "SCALE_SHARING", "scale_from_published"]
-
-#: How many σ a layer learns: one, one per output channel, or one per (output, input) pair.
-SCALE_SHARING = ("layer", "channel", "pair")
 
 #: Published initialisation: α ~ N(0, 0.1²); learned log2 σ ~ N(init_scale, (2/3)²).
 ALPHA_INIT_STD = 0.1
