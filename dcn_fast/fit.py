@@ -40,6 +40,9 @@ _INV_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 #: QR pivots this far below the largest mark a basis as (nearly) rank-deficient: the SVD decides.
 _QR_PIVOT_RATIO = 1e-6
 
+#: Below this many σ searched at once (groups x starts), a fit runs on one thread.
+_THREADED_GROUPS = 4096
+
 #: Elements of one batched residual evaluation (bounds the memory of the grid stage).
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -268,6 +271,23 @@ def fit_srf(
         (torch.Size([1]), torch.Size([6, 3, 16]), torch.Size([16]))
     """
     _check_fit_options(weight, order, scale_sharing, kernel_size, truncate, scale_range, grid_step, starts, tol)
+    # A fit is a few hundred operations on small tensors (the filters enter only through
+    # S² x S² factors), where the intra-op thread pool costs more than it gives: 3-20x
+    # slower with 2 threads on a loaded 2-core machine (ResNet-18: 1 s with one thread).
+    # Only many σ (one per pair of a large layer) have enough work per operation.
+    threads = torch.get_num_threads()
+    n_scales = {"layer": 1, "channel": weight.shape[0], "pair": weight.shape[0] * weight.shape[1]}[scale_sharing]
+    small = n_scales * starts < _THREADED_GROUPS
+    if small and threads > 1:
+        torch.set_num_threads(1)
+    try:
+        return _fit(weight, order, scale_sharing, kernel_size, truncate, scale_range, grid_step, starts, tol)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _fit(weight, order, scale_sharing, kernel_size, truncate, scale_range, grid_step, starts, tol) -> SRFFit:
     c_out, c_in, k_w, _ = weight.shape
     fixed = k_w if kernel_size == FIXED_FROM_WEIGHT else kernel_size
     low, high = default_scale_range(k_w, fixed) if scale_range is None else map(float, scale_range)
