@@ -234,7 +234,7 @@ def convert_model(
         )
         before = _num_parameters(conv)
         reason, layer = None, None
-        if max(conv.kernel_size) < min_kernel_size:
+        if isinstance(conv, nn.Conv2d) and max(conv.kernel_size) < min_kernel_size:
             rows.append(Conversion(**info, replaced=False, parameters=(before, before),
                                    reason=f"kernel {'x'.join(map(str, conv.kernel_size))} < min_kernel_size={min_kernel_size}"))
             continue
