@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from .modules import SRFConv2d, UnsupportedConvError, conv2d_geometry
-from .ode import TimeConv
 
 __all__ = ["Conversion", "convert_model", "export_model", "format_report"]
 
@@ -292,6 +291,10 @@ def export_model(model: nn.Module, *, inplace: bool = True, strict: bool = True)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    # Imported here: ode pulls in torchdiffeq and the solvers (~0.3 s), which
+    # `import dcn_fast` need not pay for.
+    from .ode import TimeConv
+
     target = model if inplace else copy.deepcopy(model)
     driven = {
         id(child): f"{parent_name}.{child_name}".lstrip(".")
