@@ -68,9 +68,9 @@ class SRFConv2d(nn.Module):
         torch.Size([8, 16, 32, 32])
     """
 
-    #: Relative L2 error per output channel ``[C_out]`` of the filters :meth:`from_conv2d`
-    #: fitted, against the conv's weights at conversion (``None`` unless fitted; not updated
-    #: by training, not in the state dict).
+    #: Relative L2 error per output channel (``[C_out]``, float64, CPU) of the filters
+    #: :meth:`from_conv2d` fitted, against the conv's weights at conversion (``None`` unless
+    #: fitted; not updated by training, not in the state dict).
     fit_error: torch.Tensor | None = None
 
     def __init__(
