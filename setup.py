@@ -21,6 +21,8 @@ setup(
     package_dir={"dcn_fast.csrc": "csrc", "dcn_fast.kernels": "kernels"},
     package_data={"dcn_fast.csrc": ["*.h", "cpu/*.cpp", "cuda/*.cu"], "dcn_fast.data": ["cifar10-sample.tar.xz"]},
     install_requires=["torch>=2.11,<3", "torchdiffeq>=0.2.3", "ninja", "numpy", "pillow", "tqdm", "matplotlib>=3.5"],
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
+    # torchvision: the drop-in example (a ResNet-18); onnx + onnxscript: the ONNX export test
+    # (torch.onnx.export's exporter needs onnxscript; the test skips, saying so, without them).
+    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "torchvision", "onnx", "onnxscript"]},
     entry_points={"console_scripts": ["dcn-fast = dcn_fast.cli:main"]},
 )

@@ -2,6 +2,8 @@
 
 from . import functional
 from .basis import MAX_RADIUS, num_basis, srf_taps
+from .drop_in import Conversion, convert_model, export_model, format_report
+from .fit import SRFFit, fit_srf
 from .functional import srf_conv2d, srf_taps_for
 from .modules import SRFConv2d
 from .reference import srf_conv2d_reference, srf_filters_reference
@@ -10,7 +12,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MAX_RADIUS",
+    "Conversion",
     "SRFConv2d",
+    "SRFFit",
+    "convert_model",
+    "export_model",
+    "fit_srf",
+    "format_report",
     "functional",
     "num_basis",
     "srf_conv2d",

@@ -23,11 +23,15 @@ __all__ = [
     "basis_from_taps",
     "HostReadback",
     "constant_while_tracing",
+    "SCALE_SHARING",
 ]
 
 #: Largest tap radius any backend accepts (kernel size ``2 * MAX_RADIUS + 1``).
 #: At the default ``truncate=2`` this is reached at σ ≈ 31.7 (scale ≈ 4.99).
 MAX_RADIUS = 64
+
+#: How many σ a layer learns: one, one per output channel, or one per (output, input) pair.
+SCALE_SHARING = ("layer", "channel", "pair")
 
 #: How far (in taps) σ's published reach ``truncate·σ + 0.5`` may pass the radius the taps
 #: are laid out at before they turn into NaN: σ(t)'s bound and the host's radius are

@@ -5,20 +5,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .basis import OUTGROWN_RADIUS_ERROR, HostReadback, num_basis, srf_taps
+from .basis import OUTGROWN_RADIUS_ERROR, SCALE_SHARING, HostReadback, num_basis, srf_taps
+from .fit import FIXED_FROM_WEIGHT, fit_srf, filter_error
 from .functional import (BACKENDS, IntPair, Padding, _radius_tensor, check_options, checked_radius, srf_conv2d,
                          truncation_radius)
 from .geometry import resolve_padding
 from .separable import dense_filters
 
-__all__ = ["SRFConv2d", "SCALE_SHARING", "scale_from_published"]
-
-#: How many σ a layer learns: one, one per output channel, or one per (output, input) pair.
-SCALE_SHARING = ("layer", "channel", "pair")
+__all__ = ["SRFConv2d", "SCALE_SHARING", "scale_from_published", "conv2d_geometry", "UnsupportedConvError"]
 
 #: Published initialisation: α ~ N(0, 0.1²); learned log2 σ ~ N(init_scale, (2/3)²).
 ALPHA_INIT_STD = 0.1
 SCALE_INIT_STD = 2.0 / 3.0
+
+
+class UnsupportedConvError(ValueError):
+    """An ``nn.Conv2d`` whose geometry SRFConv2d cannot reproduce (dilation, padding mode,
+    kernel shape, or padding for the chosen support): :func:`dcn_fast.convert_model` skips it."""
 
 
 class SRFConv2d(nn.Module):
@@ -70,6 +73,11 @@ class SRFConv2d(nn.Module):
         >>> layer(torch.randn(8, 3, 32, 32)).shape
         torch.Size([8, 16, 32, 32])
     """
+
+    #: Relative L2 error per output channel (``[C_out]``, float64, CPU) of the filters
+    #: :meth:`from_conv2d` fitted, against the conv's weights at conversion (``None`` unless
+    #: fitted; not updated by training, not in the state dict).
+    fit_error: torch.Tensor | None = None
 
     def __init__(
         self,
@@ -272,6 +280,127 @@ class SRFConv2d(nn.Module):
         conv.requires_grad_(False)
         return conv
 
+    @classmethod
+    def from_conv2d(
+        cls,
+        conv: nn.Conv2d,
+        *,
+        order: int = 2,
+        scale_sharing: str = "layer",
+        fit: bool = True,
+        kernel_size: int | str | None = FIXED_FROM_WEIGHT,
+        truncate: float = 2.0,
+        learn_scale: bool = True,
+        init_scale: float = 0.0,
+        backend: str = "auto",
+        **fit_options,
+    ) -> "SRFConv2d":
+        """An ``SRFConv2d`` in place of ``conv``: its channels, groups, stride, bias and output
+        shape, and with ``fit=True`` its filters fitted to ``conv.weight`` (:func:`dcn_fast.fit_srf`).
+
+        The conv's K×K kernel is fixed while σ is learned, so the SRF's support is
+        chosen by ``kernel_size``:
+
+        - ``"conv"`` (default): the conv's own K, taps over all of it (normalised
+          there, as the published σ^ji layer), padding the conv's: the SRF filter
+          lives on exactly the conv's support and the outputs have its shape.
+        - an odd int K': a fixed K'×K' support, padding ``p + (K' - K)/2`` per
+          side (must stay ≥ 0), the same output shape.
+        - ``None``: the σ-dependent size ``2·ceil(truncate·σ + 0.5) + 1`` with
+          ``padding="same"``; it keeps the output shape at every σ only when the
+          conv pads by K//2 (as most do), which is required.
+
+        Args:
+            conv: an ``nn.Conv2d`` (not transposed, dilation 1, ``padding_mode="zeros"``,
+                square odd kernel).
+            order, scale_sharing, learn_scale, backend: as in :class:`SRFConv2d`.
+            fit: fit σ and α to the conv's weights; ``False``: the published random
+                initialisation (``init_scale``).
+            kernel_size, truncate: the SRF's support (above).
+            fit_options: ``scale_range``, ``grid_step``, ``starts``, ``tol`` of
+                :func:`dcn_fast.fit_srf`.
+
+        Returns:
+            The layer, on the conv's device and dtype, in its training mode; with
+            ``fit=True`` its :attr:`fit_error` holds the relative L2 error of its
+            filters per output channel (on the larger of the two supports). The
+            conv's bias is copied; if its weight is frozen, so are α and σ.
+
+        Raises:
+            TypeError: ``conv`` is not an ``nn.Conv2d`` (e.g. ``Conv3d``, ``ConvTranspose2d``).
+            UnsupportedConvError: a conv SRFConv2d cannot express (a ``ValueError`` naming the
+                attribute and the allowed values).
+            ValueError: bad options.
+
+        Example:
+            >>> conv = nn.Conv2d(3, 16, 3, padding=1)
+            >>> srf = SRFConv2d.from_conv2d(conv, order=2)
+            >>> srf(torch.randn(1, 3, 8, 8)).shape, srf.fit_error.shape
+            (torch.Size([1, 16, 8, 8]), torch.Size([16]))
+        """
+        if fit_options and not fit:
+            raise ValueError(f"fit options {sorted(fit_options)} need fit=True")
+        k, conv_padding = conv2d_geometry(conv)
+        padding: Padding
+        if kernel_size == FIXED_FROM_WEIGHT:
+            fixed, padding = k, conv_padding
+        elif kernel_size is None:
+            if conv_padding != (k // 2, k // 2):
+                raise UnsupportedConvError(
+                    f"kernel_size=None (σ-dependent size, padding 'same') keeps the conv's output shape only when "
+                    f"it pads by K//2 = {k // 2}; this conv pads by {conv_padding}: use kernel_size={FIXED_FROM_WEIGHT!r}"
+                )
+            fixed, padding = None, "same"
+        else:
+            if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1 or kernel_size % 2 == 0:
+                raise ValueError(
+                    f"kernel_size must be {FIXED_FROM_WEIGHT!r}, None or an odd int >= 1, got {kernel_size!r}"
+                )
+            shift = (kernel_size - k) // 2
+            fixed, padding = kernel_size, (conv_padding[0] + shift, conv_padding[1] + shift)
+            if min(padding) < 0:
+                raise UnsupportedConvError(
+                    f"kernel_size={kernel_size} with the conv's {k}x{k} kernel and padding {conv_padding} needs "
+                    f"padding {padding} (< 0) for the same output shape; the smallest fixed size is "
+                    f"{k - 2 * min(conv_padding)}"
+                )
+        weight = conv.weight
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            order=order,
+            init_scale=init_scale,
+            learn_scale=learn_scale,
+            truncate=truncate,
+            stride=conv.stride,
+            padding=padding,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            scale_sharing=scale_sharing,
+            kernel_size=fixed,
+            backend=backend,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            if fit:
+                result = fit_srf(
+                    weight, order=order, scale_sharing=scale_sharing, kernel_size=fixed, truncate=truncate, **fit_options
+                )
+                layer.scale.copy_(result.scale)
+                layer.alpha.copy_(result.alpha)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        if fit:
+            with torch.no_grad():
+                layer.fit_error = filter_error(layer.filters(), weight)
+        if not weight.requires_grad:
+            layer.alpha.requires_grad_(False)
+            layer.scale.requires_grad_(False)
+        if conv.bias is not None:
+            layer.bias.requires_grad_(conv.bias.requires_grad)
+        return layer.train(conv.training)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The published layers name their parameters alphas / scales.
         if prefix + "alphas" in state_dict and prefix + "alpha" not in state_dict:
@@ -313,3 +442,38 @@ def scale_from_published(scales: torch.Tensor, scale_sharing: str) -> torch.Tens
             raise ValueError(f"published σ^ji scales must be 2-D [C_in, C_out], got shape {tuple(scales.shape)}")
         return scales.t().contiguous()
     return scales
+
+
+def conv2d_geometry(conv: nn.Module) -> tuple[int, tuple[int, int]]:
+    """``(K, (pad_rows, pad_cols))`` of a convolution :meth:`SRFConv2d.from_conv2d` can replace.
+
+    Raises:
+        TypeError: ``conv`` is not an ``nn.Conv2d``.
+        UnsupportedConvError (a ValueError): what SRFConv2d cannot express: dilation > 1, a padding mode
+            other than zeros, a non-square or even kernel, an uninitialised lazy conv.
+    """
+    if not isinstance(conv, nn.Conv2d):
+        kind = type(conv).__name__
+        if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+            why = "transposed convolutions have no SRF form"
+        elif isinstance(conv, nn.modules.conv._ConvNd):
+            why = "SRFConv2d replaces 2-D convolutions only"
+        else:
+            why = "not a convolution"
+        raise TypeError(f"conv must be an nn.Conv2d, got {kind} ({why})")
+    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
+        raise UnsupportedConvError("conv is an uninitialised lazy conv: run one forward pass first")
+    if tuple(conv.dilation) != (1, 1):
+        raise UnsupportedConvError(f"conv.dilation must be 1 (SRFConv2d has no dilation), got {tuple(conv.dilation)}")
+    if conv.padding_mode != "zeros":
+        raise UnsupportedConvError(f"conv.padding_mode must be 'zeros' (SRFConv2d zero-pads), got {conv.padding_mode!r}")
+    kh, kw = conv.kernel_size
+    if kh != kw or kh % 2 == 0:
+        raise UnsupportedConvError(
+            f"conv.kernel_size must be square and odd (the SRF basis is centred, taps -r..r), got {(kh, kw)}"
+        )
+    if conv.padding == "same":
+        return kh, (kh // 2, kh // 2)
+    if conv.padding == "valid":
+        return kh, (0, 0)
+    return kh, tuple(conv.padding)

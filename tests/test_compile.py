@@ -29,6 +29,15 @@ COMPILERS = ["aot_eager", "inductor"]
 TOL = 1e-4  # float32: eager and generated code round differently (inductor fuses and reorders)
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo_cache():
+    """Each test compiles from an empty cache: the parametrised tests share their functions' code
+    objects, and with fullgraph=True dynamo's recompile limit (8 per code object) is a hard error."""
+    torch.compiler.reset()
+    yield
+    torch.compiler.reset()
+
+
 def _compiler(name: str) -> str:
     if name == "inductor" and shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("inductor generates C++ for the CPU: no C++ compiler on this machine")
