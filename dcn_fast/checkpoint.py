@@ -35,7 +35,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .solver import _accumulate, _autocast_as
+from .solver import SolveConstants, _accumulate, _autocast_as
 
 try:
     from torchdiffeq._impl.interp import _interp_evaluate, _interp_fit
@@ -157,8 +157,8 @@ def _replay_step(func, tableau, mid, t0, dt, y0, f0, params, cotangents, end):
     f0 = func(t0, y0) if first else f0.detach().requires_grad_()
     y1, _, _, k = _runge_kutta_step(func, y0, f0, t0, dt, t1, tableau)
     inputs = [y0] if first else [y0, f0]
-    # retain_graph: the taps and time maps the ODE function caches for the replay are
-    # shared by every step; this step's own graph goes with its outputs on return.
+    # retain_graph: an ODE function's own per-solve tensors (not handed to SolveConstants)
+    # may be shared by every step; this step's own graph goes with its outputs on return.
     found = _grad(_step_outputs(y0, y1, k, dt, mid, t0, t1, end), inputs + list(params), cotangents, True)
     return found[0], None if first else found[1], found[len(inputs):]
 
@@ -258,15 +258,18 @@ class _CheckpointedSolve(torch.autograd.Function):
         func = _Perturbed(solve["func"])
         tableau, mid = _tableau(solve["method"], grad_out)
         replay = REPLAYS[solve["replay"]]
+        constants = SolveConstants(params)
         grads_params: list[torch.Tensor | None] = [None] * len(params)
         cotangents = [grad_out]
-        with torch.enable_grad(), _autocast_as(ctx.autocast), solve["scope"]():
+        with torch.enable_grad(), _autocast_as(ctx.autocast), solve["scope"](constants):
             for n in reversed(range(len(times))):
                 (t0, dt), y0, f0 = times[n], states[n], derivatives[n]
                 end = ctx.end if n == len(times) - 1 else None
-                grad_y0, grad_f0, found = replay(func, tableau, mid, t0, dt, y0, f0, params, cotangents, end)
+                grad_y0, grad_f0, found = replay(func, tableau, mid, t0, dt, y0, f0, constants.inputs, cotangents,
+                                                 end)
                 _accumulate(grads_params, found)
                 cotangents = [grad_y0, grad_f0]  # for the previous step's (y₁, f₁)
+            grads_params = constants.backward(grads_params)
         return (None, grad_y0 if ctx.y0_requires_grad else None, *grads_params)
 
 
@@ -296,8 +299,9 @@ def checkpointed_odeint(
             ``"stage"`` one evaluation's, recomputing the step's stage
             derivatives without a graph first (less memory, one more forward
             evaluation per replayed evaluation).
-        scope: a context manager factory entered around the backward's replay
-            (e.g. to cache per-solve weights while it runs).
+        scope: a context manager factory entered around the backward's replay,
+            called with the replay's :class:`~dcn_fast.solver.SolveConstants`
+            (e.g. to build per-solve weights once while it runs).
 
     Returns:
         ``y(T)``, shaped like ``y0``; its backward gives ``y0`` and ``params``

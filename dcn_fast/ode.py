@@ -68,6 +68,7 @@ class TimeConv(nn.Module):
         self.kind = kind
         c_in = channels_in + 1
         self._cache: dict | None = None
+        self._constants: rk_solver.SolveConstants | None = None
         if kind == "conv":
             self.layer = nn.Conv2d(c_in, channels_out, 3, padding=1)
         elif kind == "srf_pair":
@@ -93,17 +94,24 @@ class TimeConv(nn.Module):
     def time_dependent(self) -> bool:
         return self.kind in META_KINDS
 
-    def begin_solve(self) -> None:
+    def begin_solve(self, constants: rk_solver.SolveConstants | None = None) -> None:
         """Start of a solve: its evaluations share the taps and M while the weights stay fixed.
 
         Only within one solve: a graph-carrying M must not outlive the backward
         pass that consumes it. (The adjoint's backward solve evaluates f
-        outside this scope and rebuilds them per evaluation.)
+        outside this scope and rebuilds them per evaluation.) In a checkpointed
+        replay (``constants`` given) the evaluations see them as leaves, whose
+        gradients reach the parameters once per solve.
         """
         self._cache = None if self.time_dependent else {}
+        self._constants = None if self.time_dependent else constants
 
     def end_solve(self) -> None:
-        self._cache = None
+        self._cache = self._constants = None
+
+    def _shared(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` as the solve's evaluations share it: a leaf of the replay, or itself."""
+        return tensor if self._constants is None else self._constants.leaf(tensor)
 
     def meta_weights(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale [1], alpha [F, C_in+1, C_out])`` of a meta law at time ``t``."""
@@ -140,8 +148,11 @@ class TimeConv(nn.Module):
         cache = {} if self._cache is None else self._cache.setdefault(torch.is_grad_enabled(), {})
         weights = None
         if self.kind != "conv":
-            weights = cache.get("weights") or self._weights(t)
-            cache["weights"] = weights
+            # "built": with their graph to the parameters (M is built from them); "weights": as used.
+            if "built" not in cache:
+                cache["built"] = self._weights(t)
+                cache["weights"] = tuple(map(self._shared, cache["built"]))
+            weights = cache["weights"]
         if self.kind == "conv":
             out = F.conv2d(x, self.layer.weight[:, 1:], self.layer.bias, padding=self.layer.padding)
         else:
@@ -150,7 +161,7 @@ class TimeConv(nn.Module):
         key = tuple(x.shape[-2:])
         m = cache.get(key)
         if m is None:
-            m = cache[key] = self._time_map(key, weights, x)
+            m = cache[key] = self._shared(self._time_map(key, cache.get("built"), x))
         return out + t.to(out.dtype) * m
 
     def _time_map(self, size: tuple[int, int], weights, like: torch.Tensor) -> torch.Tensor:
@@ -357,11 +368,11 @@ class ODEBlock(nn.Module):
         return [m for m in self.func.modules() if isinstance(m, TimeConv)]
 
     @contextmanager
-    def _solve_scope(self):
+    def _solve_scope(self, constants: rk_solver.SolveConstants | None = None):
         """The evaluations of one solve (or of its replay) share the layers' taps and time maps."""
         convs = self._time_convs()
         for conv in convs:
-            conv.begin_solve()
+            conv.begin_solve(constants)
         try:
             yield
         finally:

@@ -49,7 +49,7 @@ import torch
 
 from . import ops
 
-__all__ = ["Tableau", "METHODS", "OPTIONS", "RungeKutta", "solve", "check_solver_arguments"]
+__all__ = ["Tableau", "METHODS", "OPTIONS", "RungeKutta", "SolveConstants", "solve", "check_solver_arguments"]
 
 
 @dataclass(frozen=True)
@@ -400,9 +400,50 @@ class _Step:
 # --- gradients by replaying accepted steps ----------------------------------------------------
 
 def _accumulate(total: list, found: Sequence[torch.Tensor | None]) -> None:
+    total.extend([None] * (len(found) - len(total)))  # the replay's inputs grow (SolveConstants)
     for i, g in enumerate(found):
         if g is not None:
             total[i] = g if total[i] is None else total[i] + g
+
+
+class SolveConstants:
+    """Tensors an ODE function builds once per solve from its parameters (filters, time maps).
+
+    A checkpointed replay differentiates every evaluation on its own. Were such a
+    tensor shared with its graph, each evaluation's vector–Jacobian product would
+    run the tensor's whole construction backwards again (for an SRF layer: the
+    taps, the dense time filter, the time map: ~a third of a DCN-ODE step). In
+    the replay the ODE function hands them instead to :meth:`leaf`, which
+    returns a detached leaf and appends it to :attr:`inputs`: the replay
+    differentiates against that list as it grows (``[*params, *leaves]``), the
+    leaves' gradients add up over every step, and :meth:`backward` sends them
+    through each construction once, as backprop through the solve does.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        self.num_params = len(params)
+        self.inputs: list[torch.Tensor] = list(params)
+        self._sources: list[torch.Tensor] = []
+
+    def leaf(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A leaf standing for ``tensor`` in the replay's evaluations (``tensor`` itself without a graph)."""
+        if not tensor.requires_grad:
+            return tensor
+        leaf = tensor.detach().requires_grad_()
+        self._sources.append(tensor)
+        self.inputs.append(leaf)
+        return leaf
+
+    def backward(self, grads: list) -> list:
+        """The parameters' gradients: ``grads`` (over :attr:`inputs`) with the leaves' sent through their sources."""
+        grads = grads + [None] * (len(self.inputs) - len(grads))
+        params, leaves = grads[: self.num_params], grads[self.num_params:]
+        used = [(s, g) for s, g in zip(self._sources, leaves) if g is not None]
+        if used:
+            sources, cotangents = zip(*used)
+            found = torch.autograd.grad(sources, self.inputs[: self.num_params], cotangents, allow_unused=True)
+            _accumulate(params, found)
+        return params
 
 
 @contextmanager
@@ -469,8 +510,8 @@ def _replay(rk: RungeKutta, step: _Step, weights: torch.Tensor, g_y: torch.Tenso
             k = evaluate(i, y, True)
         else:
             y, k = leaves[i], ks[i]
-        # retain_graph: the taps and time maps the ODE function caches for the replay are
-        # shared by every evaluation; each evaluation's own graph goes with its outputs.
+        # retain_graph: an ODE function's own per-solve tensors (not handed to SolveConstants)
+        # may be shared by every evaluation; each evaluation's own graph goes with its outputs.
         found = torch.autograd.grad(k, [y, *params], cotangent, retain_graph=True, allow_unused=True)
         _accumulate(grads_params, found[1:])
         return found[0]
@@ -517,9 +558,10 @@ class _CheckpointedSolve(torch.autograd.Function):
         saved = ctx.saved_tensors
         params, saved = saved[: ctx.num_params], saved[ctx.num_params:]
         states, derivatives = saved[: len(times)], (None, *saved[len(times):])
+        constants = SolveConstants(params)
         grads_params: list[torch.Tensor | None] = [None] * len(params)
         g_y, g_f = grad_out, None
-        with _autocast_as(ctx.autocast), solve["scope"]():
+        with _autocast_as(ctx.autocast), solve["scope"](constants):
             for n in reversed(range(len(times))):
                 t0, t1, dt = times[n]
                 step = _Step(t0, t1, dt, states[n], [derivatives[n]])
@@ -529,8 +571,9 @@ class _CheckpointedSolve(torch.autograd.Function):
                     used, row = rk._solution_row
                     weights = torch.zeros(rk.tableau.stages, dtype=torch.float64, device=rk.time_device)
                     weights[used] = (row * dt.to(rk.real)).to(torch.float64)
-                g_y, g_f = _replay(rk, step, weights, g_y, g_f, n == 0, params, solve["replay"] == "stage",
-                                   grads_params)
+                g_y, g_f = _replay(rk, step, weights, g_y, g_f, n == 0, constants.inputs,
+                                   solve["replay"] == "stage", grads_params)
+            grads_params = constants.backward(grads_params)
         return (None, g_y if ctx.y0_requires_grad else None, *grads_params)
 
 
@@ -568,7 +611,8 @@ def solve(
         replay: with ``"checkpoint"``: ``"step"`` (one step's evaluation graphs
             alive at a time) or ``"stage"`` (one evaluation's, recomputing the
             step's stages without a graph first).
-        scope: a context manager factory entered around the checkpointed replay.
+        scope: a context manager factory entered around the checkpointed replay,
+            called with the replay's :class:`SolveConstants`.
         budget: solve without host syncs in exactly this many step attempts
             (``gradient="backprop"`` or no gradient only); raises RuntimeError
             after the solve if T was not reached (or a step was non-finite).

@@ -107,6 +107,36 @@ def test_every_backend_and_kind(kind, backend, request):
         assert rel_err(g, w) < 1e-9
 
 
+@pytest.mark.parametrize("replay", ["step", "stage"])
+@pytest.mark.parametrize("solver", ["dcn_fast", "torchdiffeq"])
+def test_per_solve_weights_are_differentiated_once_per_replay(solver, replay, monkeypatch):
+    """The taps and time maps an ODE function builds once per solve enter the replayed evaluations as
+    leaves (SolveConstants): their construction runs backwards once per solve, as under backprop, not
+    once per evaluation (which was a third of a DCN-ODE step); the gradients stay exact."""
+    from dcn_fast.ode import TimeConv
+
+    backwards = []
+    time_map = TimeConv._time_map
+
+    def counted(self, *args):
+        m = time_map(self, *args)
+        if m.requires_grad:
+            m.register_hook(lambda g: backwards.append(g))
+        return m
+
+    monkeypatch.setattr(TimeConv, "_time_map", counted)
+    func = _ode_func("srf").double()
+    x = torch.randn(2, 4, 7, 9, dtype=torch.float64)
+    _, want, _ = _block_grads(func, "backprop", x, T=1.5, rtol=1e-3, atol=1e-3)
+    assert len(backwards) == 2  # one per TimeConv
+    backwards.clear()
+    _, got, block = _block_grads(func, "checkpoint", x, T=1.5, rtol=1e-3, atol=1e-3, replay=replay, solver=solver)
+    assert block.count_backward() > 10
+    assert len(backwards) == 2
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-9
+
+
 def test_triton_backend():
     pytest.importorskip("triton", reason="the triton backend needs the triton package")
     device = "cuda" if torch.cuda.is_available() else "cpu"

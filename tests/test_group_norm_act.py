@@ -53,6 +53,19 @@ def test_float32_close_to_reference(activation, alpha):
         assert rel_err(g, r) < 1e-4
 
 
+@pytest.mark.parametrize("activation,alpha", ACTIVATIONS)
+def test_non_finite_values_propagate_as_in_the_reference(activation, alpha):
+    """NaN in, NaN out (relu(NaN) read as 0 once hid a model's NaN weights from the solver's check)."""
+    x, w, b = _operands((2, 6, 5, 7))
+    x[0, 0, 1, 2] = float("nan")  # group 0 of image 0
+    x[1, 3, 0, 0] = float("inf")  # group 1 of image 1
+    w[5] = float("nan")  # one channel of group 2
+    want = ops.group_norm_act_reference(x, w, b, 3, 1e-5, activation, alpha)
+    got = ops.group_norm_act(x, w, b, 3, 1e-5, activation, alpha)
+    assert want.isnan().any(dim=(2, 3)).sum() == 2 * 2 + 2  # the two groups' channels, channel 5 twice
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-13, atol=0)
+
+
 # floor: where exp underflows the kernel clamps its argument (-700 / -87) and returns exp of that.
 @pytest.mark.parametrize("dtype,ulps,floor", [(torch.float64, 8, 1e-303), (torch.float32, 4, 2e-38)])
 def test_celu_exp_to_a_few_ulp_over_the_whole_range(dtype, ulps, floor):

@@ -117,13 +117,15 @@ Geometry check_geometry(const at::Tensor& input, const c10::optional<at::Tensor>
   return {batch, channels, groups, channels / groups, spatial};
 }
 
+// The comparisons are written so that a NaN takes the identity branch: NaN in, NaN
+// out, as ATen's relu and celu (a non-finite weight must surface, not read as 0).
 template <typename scalar_t>
 inline scalar_t activate(Activation act, scalar_t z, scalar_t alpha) {
-  if (act == Activation::kRelu) return z > 0 ? z : scalar_t(0);
+  if (act == Activation::kRelu) return z < 0 ? scalar_t(0) : z;
   if (act == Activation::kCelu) {
     scalar_t e, em1;
     exp_and_expm1<scalar_t>((z < 0 ? z : scalar_t(0)) / alpha, e, em1);
-    return z > 0 ? z : alpha * em1;
+    return z <= 0 ? alpha * em1 : z;
   }
   return z;
 }
@@ -131,11 +133,11 @@ inline scalar_t activate(Activation act, scalar_t z, scalar_t alpha) {
 // act'(z)
 template <typename scalar_t>
 inline scalar_t activation_slope(Activation act, scalar_t z, scalar_t alpha) {
-  if (act == Activation::kRelu) return z > 0 ? scalar_t(1) : scalar_t(0);
+  if (act == Activation::kRelu) return z <= 0 ? scalar_t(0) : scalar_t(1);
   if (act == Activation::kCelu) {
     scalar_t e, em1;
     exp_and_expm1<scalar_t>((z < 0 ? z : scalar_t(0)) / alpha, e, em1);
-    return z > 0 ? scalar_t(1) : e;
+    return z <= 0 ? e : scalar_t(1);
   }
   return scalar_t(1);
 }
