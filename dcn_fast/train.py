@@ -43,10 +43,10 @@ __all__ = ["TrainConfig", "train", "evaluate", "evaluate_checkpoint", "load_mode
            "weights_checkpoint", "autocast", "changed_settings", "default_epochs", "lr_at", "SAMPLE_DEFAULTS"]
 
 #: ``dcn-fast train`` without ``--data-root``: a short DCN-ODE run on the shipped
-#: sample, sized for about 4 minutes of 2 CPU cores (README, Quick start: it
-#: shows learning but stays short of 25 % test accuracy; measurements in
-#: bench/results/README.md).
-SAMPLE_DEFAULTS = {"images_per_class": 80, "epochs": 1, "batch_size": 20, "rtol": 0.1, "atol": 0.1,
+#: sample (all of its 200 training images per class, one epoch), about 2.5
+#: minutes of 2 CPU cores (README, Quick start: it shows learning but stays
+#: short of 25 % test accuracy; measurements in bench/results/README.md).
+SAMPLE_DEFAULTS = {"images_per_class": 200, "epochs": 1, "batch_size": 20, "rtol": 0.1, "atol": 0.1,
                    "gradient": "backprop"}
 
 #: Learning-rate drops (×0.1 each) as fractions of the run's epochs.
