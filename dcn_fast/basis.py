@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "MAX_RADIUS",
+    "MIN_SCALE",
     "num_basis",
     "basis_pairs",
     "pair_index",
@@ -37,6 +38,10 @@ SCALE_SHARING = ("layer", "channel", "pair")
 #: are laid out at before they turn into NaN: σ(t)'s bound and the host's radius are
 #: computed by different float operations, which may disagree by a few ulps at a boundary.
 RADIUS_SLACK = 1e-3
+
+#: Smallest scale (log2 σ) any backend accepts: below about -5.3 the taps are already
+#: a discrete delta, and the σ gradient overflows.
+MIN_SCALE = -8.0
 
 _Value = TypeVar("_Value")
 
@@ -77,6 +82,11 @@ def _hermite(u: torch.Tensor, order: int) -> list[torch.Tensor]:
 
 def _taps_forward(scale: torch.Tensor, order: int, radius: int, truncate: float | None):
     """Taps [..., order+1, 2*radius+1] plus what the analytic backward needs."""
+    compiled_on_cpu = torch.compiler.is_compiling() and scale.device.type == "cpu"
+    if compiled_on_cpu:
+        # Eager checks the scale where it reads σ back (checked_radius); a compiled graph
+        # reads it once, while tracing, so it checks in the graph. (Accelerators: see below.)
+        torch._assert_async((scale.isfinite() & (scale >= MIN_SCALE)).all(), SCALE_RANGE_ERROR)
     sigma = torch.exp2(scale)[..., None]  # [..., 1]
     x = torch.arange(-radius, radius + 1, dtype=scale.dtype, device=scale.device)
     g = torch.exp(-(x * x) / (2 * sigma * sigma))
@@ -88,7 +98,7 @@ def _taps_forward(scale: torch.Tensor, order: int, radius: int, truncate: float 
         # A σ wider than the layout (a radius read before σ changed) would lose its outer
         # taps without a trace; NaN taps make that visible instead.
         g = g.masked_fill(reach > radius + RADIUS_SLACK, math.nan)
-        if torch.compiler.is_compiling() and scale.device.type == "cpu":
+        if compiled_on_cpu:
             # A compiled graph holds the radius it was traced with (HostReadback): say so
             # rather than return NaN. (On an accelerator this assertion would be a device-side
             # assert, which leaves the device unusable: NaN taps there.)
@@ -106,6 +116,12 @@ OUTGROWN_RADIUS_ERROR = (
     "dcn_fast: σ outgrew the tap radius this torch.compile graph was traced with (a compiled SRF layer reads "
     "its radius once, when the graph is traced); retrace it (torch.compiler.reset(), then call it again) or "
     "run the layer eagerly"
+)
+
+#: A compiled graph met a scale outside [MIN_SCALE, ∞) or not finite (CPU; eager raises ValueError).
+SCALE_RANGE_ERROR = (
+    f"dcn_fast: a scale (log2 σ) in this torch.compile graph is NaN, inf or below {MIN_SCALE:g}; the allowed "
+    f"range is finite scale >= {MIN_SCALE:g} (run the layer eagerly for the value)"
 )
 
 #: The one error of every fast path asked for a gradient of a gradient.

@@ -175,7 +175,10 @@ def _golden_section(
 
 def _check_fit_options(weight, order, scale_sharing, kernel_size, truncate, scale_range, grid_step, starts, tol):
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point torch.Tensor, got {type(weight).__name__}")
+        got = f"a {weight.dtype} tensor" if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise TypeError(f"weight must be a floating-point torch.Tensor, got {got}")
+    if weight.is_meta:
+        raise ValueError("weight is on the meta device (no values to fit): use fit=False, or materialise it first")
     if weight.dim() != 4 or weight.shape[-1] != weight.shape[-2] or weight.shape[-1] % 2 == 0:
         raise ValueError(
             "weight must be [C_out, C_in/groups, K, K] with an odd K (the SRF basis is centred), "

@@ -12,7 +12,7 @@ from typing import Union
 import torch
 
 from . import dense, ops, separable  # noqa: F401  (dense and separable register their algorithms)
-from .basis import MAX_RADIUS, num_basis, srf_taps
+from .basis import MAX_RADIUS, MIN_SCALE, num_basis, srf_taps
 from .geometry import resolve_padding
 from .reference import srf_conv2d_reference
 
@@ -47,8 +47,6 @@ def truncation_radius(scale: torch.Tensor, truncate: float) -> int:
 #: the centre is exp(-1/(2σ²)) = 0 even in float64: the filter is a discrete delta
 #: and a smaller scale changes nothing, while the σ gradient's powers of 1/σ
 #: overflow float32 (NaN outputs and gradients from about -24 at order 4).
-MIN_SCALE = -8.0
-
 
 def checked_radius(scale: torch.Tensor, truncate: float, kernel_size: int | None) -> int:
     """Tap radius for ``scale``, after checking it is finite and within [MIN_SCALE, cap]: one host read."""
@@ -171,6 +169,8 @@ def _validate(input, scale, alpha, order, truncate, stride, padding, groups, bia
     if taps is None:
         radius = checked_radius(scale, truncate, kernel_size)
     else:
+        if not isinstance(taps, torch.Tensor):
+            raise TypeError(f"taps must be a torch.Tensor from srf_taps_for(scale, ...), got {type(taps).__name__}")
         radius = taps.shape[-1] // 2
         expected = (*scale.shape, order + 1, 2 * radius + 1)
         if not isinstance(taps, torch.Tensor) or tuple(taps.shape) != expected or taps.shape[-1] % 2 == 0:

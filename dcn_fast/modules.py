@@ -115,6 +115,8 @@ class SRFConv2d(nn.Module):
             raise ValueError("scale_sharing='pair' (σ^ji) needs a fixed kernel_size (published: 7)")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        if not isinstance(learn_scale, bool):
+            raise TypeError(f"learn_scale must be True or False, got {learn_scale!r}")
         if not isinstance(init_scale, (int, float)) or not torch.isfinite(torch.tensor(float(init_scale))):
             raise ValueError(f"init_scale must be a finite number, got {init_scale!r}")
 
@@ -338,6 +340,8 @@ class SRFConv2d(nn.Module):
             >>> srf(torch.randn(1, 3, 8, 8)).shape, srf.fit_error.shape
             (torch.Size([1, 16, 8, 8]), torch.Size([16]))
         """
+        if not isinstance(fit, bool):
+            raise TypeError(f"fit must be True or False, got {fit!r}")
         if fit_options and not fit:
             raise ValueError(f"fit options {sorted(fit_options)} need fit=True")
         k, conv_padding = conv2d_geometry(conv)

@@ -131,6 +131,24 @@ def test_a_compiled_layer_keeps_its_traced_radius_and_refuses_a_larger_one():
     assert "torch.compiler.reset()" in OUTGROWN_RADIUS_ERROR
 
 
+@pytest.mark.parametrize("kernel_size", [None, 3])
+@pytest.mark.parametrize("scale", [-30.0, -9.0, float("nan"), float("inf")])
+def test_a_compiled_layer_refuses_a_scale_out_of_range(scale, kernel_size):
+    """Eager raises ValueError where it reads σ back; the graph, which read it once, checks in-graph (CPU):
+    never NaN outputs or a silently zero σ gradient."""
+    torch.manual_seed(0)
+    layer = SRFConv2d(3, 4, order=4, kernel_size=kernel_size)
+    x = torch.randn(1, 3, 9, 9)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled(x)
+    with torch.no_grad():
+        layer.scale.fill_(scale)
+    with pytest.raises(ValueError, match="scale"):
+        layer(x)
+    with pytest.raises(RuntimeError, match=r"NaN, inf or below -8; the allowed range is finite scale >= -8"):
+        compiled(x)
+
+
 def test_a_compiled_layer_without_same_padding_refuses_any_other_radius():
     """With padding other than "same" K sets the output size, so a smaller σ must not run at the traced K."""
     torch.manual_seed(0)

@@ -192,11 +192,21 @@ def test_from_conv2d_without_fit_and_training_mode():
         (nn.Conv2d(2, 2, 3), dict(kernel_size=4), ValueError, "kernel_size"),
         (nn.Conv2d(2, 2, 3), dict(order=-1), ValueError, "order"),
         (nn.Conv2d(2, 2, 3, padding=1), dict(kernel_size=None, scale_sharing="pair"), ValueError, "pair"),
+        (nn.Conv2d(2, 2, 3, device="meta"), {}, ValueError, "meta device.*fit=False"),
+        (nn.Conv2d(2, 2, 3), dict(fit="no"), TypeError, "fit must be True or False, got 'no'"),
+        (nn.Conv2d(2, 2, 3), dict(learn_scale="no"), TypeError, "learn_scale must be True or False"),
     ],
 )
 def test_from_conv2d_rejects_what_it_cannot_express(conv, kwargs, error, match):
     with pytest.raises(error, match=match):
         SRFConv2d.from_conv2d(conv, **kwargs)
+
+
+def test_a_meta_conv_converts_without_fit_and_fit_srf_names_the_dtype():
+    srf = SRFConv2d.from_conv2d(nn.Conv2d(2, 2, 3, device="meta"), fit=False)
+    assert srf.alpha.is_meta
+    with pytest.raises(TypeError, match="got a torch.int64 tensor"):
+        fit_srf(torch.ones(2, 2, 3, 3, dtype=torch.long))
 
 
 # --- convert_model --------------------------------------------------------------------------------

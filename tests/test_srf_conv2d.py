@@ -265,6 +265,8 @@ def test_precomputed_taps(backend_name):
         assert rel_err(got, want) < 1e-10
     with pytest.raises(ValueError, match="taps must come from srf_taps_for"):
         srf_conv2d(x, s, a, taps=taps[:, :2], backend=backend_name)  # order 1 taps, order 2 call
+    with pytest.raises(TypeError, match="taps must be a torch.Tensor .* got list"):
+        srf_conv2d(x, s, a, taps=taps.tolist(), backend=backend_name)
     with pytest.raises(ValueError, match="scale .* must be finite"):
         srf_taps_for(torch.tensor([float("-inf")]))
     with pytest.raises(ValueError, match="scale too small"):
