@@ -112,16 +112,22 @@ def test_one_ode_function_evaluation_compiles_as_one_graph(kind, compiler):
     assert func.nfe == 2  # the counter is a side effect dynamo replays: one compiled and one eager call
 
 
-def test_a_compiled_layer_keeps_its_traced_radius_and_refuses_a_larger_one():
-    """The graph holds the radius of σ when it was traced: a σ that shrank is exact under "same" padding
-    (zeros past its own radius), one that outgrew it raises (CPU) instead of truncating its filter."""
+def _traced_layer(new_scale: float, **options):
+    """An SRFConv2d (3 → 4), compiled and traced on one call; then its scale set to ``new_scale``."""
     torch.manual_seed(0)
-    layer = SRFConv2d(3, 4, init_scale=0.0, learn_scale=False)
+    layer = SRFConv2d(3, 4, **options)
     x = torch.randn(1, 3, 16, 16)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     compiled(x)
     with torch.no_grad():
-        layer.scale.fill_(-1.0)  # σ = 0.5: eager's kernel is smaller
+        layer.scale.fill_(new_scale)
+    return layer, compiled, x
+
+
+def test_a_compiled_layer_keeps_its_traced_radius_and_refuses_a_larger_one():
+    """The graph holds the radius of σ when it was traced: a σ that shrank is exact under "same" padding
+    (zeros past its own radius), one that outgrew it raises (CPU) instead of truncating its filter."""
+    layer, compiled, x = _traced_layer(-1.0, init_scale=0.0, learn_scale=False)  # σ = 0.5: eager's K is smaller
     assert layer.kernel_size[0] < 7
     assert rel_err(compiled(x), layer(x)) < TOL
     with torch.no_grad():
@@ -136,13 +142,7 @@ def test_a_compiled_layer_keeps_its_traced_radius_and_refuses_a_larger_one():
 def test_a_compiled_layer_refuses_a_scale_out_of_range(scale, kernel_size):
     """Eager raises ValueError where it reads σ back; the graph, which read it once, checks in-graph (CPU):
     never NaN outputs or a silently zero σ gradient."""
-    torch.manual_seed(0)
-    layer = SRFConv2d(3, 4, order=4, kernel_size=kernel_size)
-    x = torch.randn(1, 3, 9, 9)
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    compiled(x)
-    with torch.no_grad():
-        layer.scale.fill_(scale)
+    layer, compiled, x = _traced_layer(scale, order=4, kernel_size=kernel_size)
     with pytest.raises(ValueError, match="scale"):
         layer(x)
     with pytest.raises(RuntimeError, match=r"NaN, inf or below -8; the allowed range is finite scale >= -8"):
