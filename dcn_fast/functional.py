@@ -173,10 +173,10 @@ def _validate(input, scale, alpha, order, truncate, stride, padding, groups, bia
             raise TypeError(f"taps must be a torch.Tensor from srf_taps_for(scale, ...), got {type(taps).__name__}")
         radius = taps.shape[-1] // 2
         expected = (*scale.shape, order + 1, 2 * radius + 1)
-        if not isinstance(taps, torch.Tensor) or tuple(taps.shape) != expected or taps.shape[-1] % 2 == 0:
+        if tuple(taps.shape) != expected:
             raise ValueError(
                 f"taps must come from srf_taps_for(scale, ...) with this scale and order: expected shape "
-                f"{expected}, got {tuple(getattr(taps, 'shape', ()))}"
+                f"{expected}, got {tuple(taps.shape)}"
             )
 
     pad = resolve_padding(padding, radius)
