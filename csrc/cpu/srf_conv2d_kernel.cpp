@@ -15,6 +15,7 @@
 #include <cstring>
 #include <array>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace dcn_fast {
@@ -118,14 +119,19 @@ at::Tensor output_window(const at::Tensor& out, const Geometry& g, const Tile& t
 // responses are written compactly as the [pixels, F*C_in_g] operand of the
 // GEMM with α. Lanes past C_in_g hold zeros (input) or finite leftovers read
 // from neighbouring compact rows; they are never stored into a result.
+#if defined(__AVX512F__)
+constexpr int64_t kLaneBytes = 64;
+#else
+constexpr int64_t kLaneBytes = 32;
+#endif
 template <typename scalar_t>
-constexpr int64_t kLane = 32 / sizeof(scalar_t);
+constexpr int64_t kLane = kLaneBytes / sizeof(scalar_t);
 
 // One lane as a GCC/Clang vector: explicit SIMD, independent of what the
 // auto-vectoriser makes of the loops (it tends to gather across rows instead).
 template <typename scalar_t>
 struct LaneOf {
-  typedef scalar_t type __attribute__((vector_size(32)));
+  typedef scalar_t type __attribute__((vector_size(kLaneBytes)));
 };
 template <typename scalar_t>
 using Lane = typename LaneOf<scalar_t>::type;
@@ -168,6 +174,9 @@ template <typename scalar_t>
 inline void lane_sums(int64_t n, scalar_t* dst, int64_t dst_row, bool accumulate, int64_t store, const scalar_t* src,
                       int64_t src_row, int64_t src_step, const scalar_t* coef, int64_t coef_step, int64_t terms) {
   int64_t q = 0;
+  for (; q + 8 <= n; q += 8)
+    lane_sum<8>(dst + q * dst_row, dst_row, accumulate, store, src + q * src_row, src_row, src_step, coef, coef_step,
+                terms);
   for (; q + 4 <= n; q += 4)
     lane_sum<4>(dst + q * dst_row, dst_row, accumulate, store, src + q * src_row, src_row, src_step, coef, coef_step,
                 terms);
@@ -176,17 +185,52 @@ inline void lane_sums(int64_t n, scalar_t* dst, int64_t dst_row, bool accumulate
                 terms);
 }
 
-// dst[v] += Σ_j a[j·a_step + v] · b[j·b_step + v], over four interleaved chains.
+// Correlation of g with A shifted windows of s, over a 2-D range of terms:
+// dst[a·dst_step + v] += Σ_(o < outer, n < inner) g[o·g_outer + n·g_inner + v] ·
+// s[o·s_outer + n·s_inner + a·s_tap + v], a < A. Each load of g serves all A
+// taps, and the sums stay in registers for the whole range: two interleaved
+// accumulators per tap (even and odd n) keep the FMA chains independent.
+template <int64_t A, typename scalar_t>
+inline void lane_correlate(scalar_t* __restrict__ dst, int64_t dst_step, const scalar_t* __restrict__ g,
+                           const scalar_t* __restrict__ s, int64_t s_tap, int64_t outer, int64_t g_outer,
+                           int64_t s_outer, int64_t inner, int64_t g_inner, int64_t s_inner) {
+  Lane<scalar_t> acc[2][A] = {};
+  for (int64_t o = 0; o < outer; ++o) {
+    const scalar_t* go = g + o * g_outer;
+    const scalar_t* so = s + o * s_outer;
+    int64_t n = 0;
+    for (; n + 2 <= inner; n += 2)
+      for (int64_t h = 0; h < 2; ++h) {
+        const Lane<scalar_t> gv = load_lane(go + (n + h) * g_inner);
+        for (int64_t a = 0; a < A; ++a) acc[h][a] += gv * load_lane(so + (n + h) * s_inner + a * s_tap);
+      }
+    if (n < inner) {
+      const Lane<scalar_t> gv = load_lane(go + n * g_inner);
+      for (int64_t a = 0; a < A; ++a) acc[0][a] += gv * load_lane(so + n * s_inner + a * s_tap);
+    }
+  }
+  for (int64_t a = 0; a < A; ++a) {
+    const Lane<scalar_t> sum = acc[0][a] + acc[1][a] + load_lane(dst + a * dst_step);
+    std::memcpy(dst + a * dst_step, &sum, sizeof sum);
+  }
+}
+
+// lane_correlate over taps taps: blocks of 8, 4, 2, then single ones.
 template <typename scalar_t>
-inline void lane_dot(scalar_t* __restrict__ dst, const scalar_t* __restrict__ a, int64_t a_step,
-                     const scalar_t* __restrict__ b, int64_t b_step, int64_t terms) {
-  Lane<scalar_t> acc[4] = {};
-  int64_t j = 0;
-  for (; j + 4 <= terms; j += 4)
-    for (int64_t q = 0; q < 4; ++q) acc[q] += load_lane(a + (j + q) * a_step) * load_lane(b + (j + q) * b_step);
-  for (; j < terms; ++j) acc[0] += load_lane(a + j * a_step) * load_lane(b + j * b_step);
-  const Lane<scalar_t> sum = (acc[0] + acc[1]) + (acc[2] + acc[3]) + load_lane(dst);
-  std::memcpy(dst, &sum, sizeof sum);
+inline void lane_correlates(int64_t taps, scalar_t* dst, int64_t dst_step, const scalar_t* g, const scalar_t* s,
+                            int64_t s_tap, int64_t outer, int64_t g_outer, int64_t s_outer, int64_t inner,
+                            int64_t g_inner, int64_t s_inner) {
+  int64_t a = 0;
+  const auto block = [&](auto width) {
+    constexpr int64_t W = decltype(width)::value;
+    for (; a + W <= taps; a += W)
+      lane_correlate<W>(dst + a * dst_step, dst_step, g, s + a * s_tap, s_tap, outer, g_outer, s_outer, inner, g_inner,
+                        s_inner);
+  };
+  block(std::integral_constant<int64_t, 8>{});
+  block(std::integral_constant<int64_t, 4>{});
+  block(std::integral_constant<int64_t, 2>{});
+  block(std::integral_constant<int64_t, 1>{});
 }
 
 // Sizes of one thread's tile buffers.
@@ -358,41 +402,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> srf_conv2d_backward_cpu(
                 }
               }
             if (need_taps) {
-              // b_l in its row role: Σ_pixels grad_resp[.][f] · z[m][ho·sH + a][wo].
+              // b_l in its row role: Σ_pixels grad_resp[.][f] · z[m][ho·sH + a][wo], a < K.
               for (int64_t f = 0; f < nb; ++f)
-                for (int64_t a_ = 0; a_ < g.k; ++a_)
-                  for (int64_t ho = 0; ho < tile.rows; ++ho)
-                    for (int64_t i0 = 0; i0 < lanes; i0 += V)
-                      lane_dot(tap_acc.data() + (g.row_tap[f] * g.k + a_) * lanes + i0,
-                               grad_resp.data() + (ho * g.out_w * nb + f) * cig + i0, nb * cig,
-                               z.data() + ((g.col_tap[f] * tile.footprint + ho * g.stride_h + a_) * g.out_w) * lanes + i0,
-                               lanes, g.out_w);
-              // b_m in its column role: Σ grad_z[m][r][wo] · xt[r][wo·sW + c].
+                for (int64_t i0 = 0; i0 < lanes; i0 += V)
+                  lane_correlates(g.k, tap_acc.data() + g.row_tap[f] * g.k * lanes + i0, lanes,
+                                  grad_resp.data() + f * cig + i0,
+                                  z.data() + g.col_tap[f] * tile.footprint * g.out_w * lanes + i0, g.out_w * lanes,
+                                  tile.rows, g.out_w * nb * cig, g.stride_h * g.out_w * lanes, g.out_w, nb * cig,
+                                  lanes);
+              // b_m in its column role: Σ grad_z[m][r][wo] · xt[r][wo·sW + c], c < K.
               for (int64_t m = 0; m < g.order1; ++m)
-                for (int64_t c = 0; c < g.k; ++c)
-                  for (int64_t r = 0; r < tile.footprint; ++r)
-                    for (int64_t i0 = 0; i0 < lanes; i0 += V)
-                      lane_dot(tap_acc.data() + (m * g.k + c) * lanes + i0,
-                               grad_z.data() + ((m * tile.footprint + r) * g.out_w) * lanes + i0, lanes,
-                               xt.data() + (r * g.padded_w + c) * lanes + i0, g.stride_w * lanes, g.out_w);
+                for (int64_t i0 = 0; i0 < lanes; i0 += V)
+                  lane_correlates(g.k, tap_acc.data() + m * g.k * lanes + i0, lanes,
+                                  grad_z.data() + m * tile.footprint * g.out_w * lanes + i0, xt.data() + i0, lanes,
+                                  tile.footprint, g.out_w * lanes, g.padded_w * lanes, g.out_w, lanes,
+                                  g.stride_w * lanes);
             }
             if (need_input) {
               // Transposed W pass, scattered: grad_xt[r][wo·sW + c] += Σ_m b_m[c] · grad_z[m][r][wo],
-              // the sum over m formed in registers, one update of grad_xt per (wo, c).
+              // the sum over m formed in registers; for each c a run of outputs wo at once
+              // (distinct addresses, independent chains).
               for (int64_t r = 0; r < tile.footprint; ++r) {
                 const int64_t h = tile.first_padded_row + r - g.pad_h;
                 if (h < 0 || h >= g.height) continue;
                 scalar_t* grad_row = grad_xt.data() + r * g.padded_w * lanes;
                 std::fill(grad_row, grad_row + g.padded_w * lanes, scalar_t(0));
                 const int64_t m_step = tile.footprint * g.out_w * lanes;
-                for (int64_t wo = 0; wo < g.out_w; ++wo)
-                  for (int64_t i0 = 0; i0 < lanes; i0 += V) {
-                    const scalar_t* gz = grad_z.data() + (r * g.out_w + wo) * lanes + i0;
-                    for (int64_t c = 0; c < g.k; ++c) {
-                      scalar_t* dst = grad_row + (wo * g.stride_w + c) * lanes + i0;
-                      lane_sum<1>(dst, 0, true, V, gz, 0, m_step, tp + c, g.k, g.order1);
-                    }
-                  }
+                for (int64_t i0 = 0; i0 < lanes; i0 += V)
+                  for (int64_t c = 0; c < g.k; ++c)
+                    lane_sums(g.out_w, grad_row + c * lanes + i0, g.stride_w * lanes, true, V,
+                              grad_z.data() + r * g.out_w * lanes + i0, lanes, m_step, tp + c, g.k, g.order1);
                 for (int64_t i = 0; i < cig; ++i) {
                   scalar_t* dst = gx + first_plane + (i * g.height + h) * g.width;
                   const scalar_t* src = grad_xt.data() + (r * g.padded_w + g.pad_w) * lanes + i;
