@@ -143,6 +143,20 @@ inline Lane<scalar_t> load_lane(const scalar_t* p) {
   return v;
 }
 
+// out[v] (+)= sum[v], v < store ≤ kLane. The sum comes by value: an accumulator
+// whose address escaped would live on the stack instead of in a register.
+template <typename scalar_t>
+inline void store_lane(scalar_t* out, Lane<scalar_t> sum, bool accumulate, int64_t store) {
+  if (store == kLane<scalar_t>) {  // whole lane: one vector store (a constant-size copy)
+    if (accumulate) sum += load_lane(out);
+    std::memcpy(out, &sum, sizeof sum);
+  } else {  // the last, partial lane of a compact row
+    scalar_t part[kLane<scalar_t>];
+    std::memcpy(part, &sum, sizeof part);
+    for (int64_t v = 0; v < store; ++v) out[v] = accumulate ? out[v] + part[v] : part[v];
+  }
+}
+
 // For R outputs at once (independent accumulator chains, held in registers):
 // dst[q·dst_row + v] (+)= Σ_j coef[j·coef_step] · src[q·src_row + j·src_step + v],
 // q < R, v < store ≤ kLane.
@@ -155,21 +169,10 @@ inline void lane_sum(scalar_t* __restrict__ dst, int64_t dst_row, bool accumulat
     const scalar_t w = coef[j * coef_step];
     for (int64_t q = 0; q < R; ++q) acc[q] += w * load_lane(src + q * src_row + j * src_step);
   }
-  for (int64_t q = 0; q < R; ++q) {
-    scalar_t* out = dst + q * dst_row;
-    if (store == kLane<scalar_t>) {  // whole lane: one vector store (a constant-size copy)
-      Lane<scalar_t> sum = acc[q];
-      if (accumulate) sum += load_lane(out);
-      std::memcpy(out, &sum, sizeof sum);
-    } else {  // the last, partial lane of a compact row
-      scalar_t part[kLane<scalar_t>];
-      std::memcpy(part, &acc[q], sizeof part);
-      for (int64_t v = 0; v < store; ++v) out[v] = accumulate ? out[v] + part[v] : part[v];
-    }
-  }
+  for (int64_t q = 0; q < R; ++q) store_lane(dst + q * dst_row, acc[q], accumulate, store);
 }
 
-// lane_sum over n outputs: blocks of 4, then single ones.
+// lane_sum over n outputs: blocks of 8, then 4, then single ones.
 template <typename scalar_t>
 inline void lane_sums(int64_t n, scalar_t* dst, int64_t dst_row, bool accumulate, int64_t store, const scalar_t* src,
                       int64_t src_row, int64_t src_step, const scalar_t* coef, int64_t coef_step, int64_t terms) {
