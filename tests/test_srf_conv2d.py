@@ -337,3 +337,33 @@ def test_auto_rule_for_cuda(monkeypatch):
     assert resolve("auto", x, torch.float32, torch.empty(6, 33, 32), kernel=13) == "triton"
     monkeypatch.setattr(functional, "triton_available", lambda: False)
     assert resolve("auto", x, torch.float32, torch.empty(6, 33, 32), kernel=13) == "separable"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(
+    "shape, stride, groups",
+    [((2, 3, 4, 70, 31), 1, 1), ((1, 4, 6, 75, 29), (2, 1), 2), ((3, 2, 2, 41, 60), 2, 1)],
+    ids=["stride1", "stride21-groups", "stride2"],
+)
+def test_cpu_kernel_across_tiles(shape, stride, groups, threads):
+    """The tiled kernel where an image spans several tiles (forward tiles of ~1024 output pixels, backward
+    ones of ~512 in an even and an odd sweep; a small batch cut further, one tile per thread), float64."""
+    from conftest import cpu_kernel_or_skip
+
+    cpu_kernel_or_skip()
+    gen = torch.Generator().manual_seed(1)
+    b, c_in, c_out, h, w = shape
+    x = torch.randn(b, c_in, h, w, dtype=torch.float64, generator=gen, requires_grad=True)
+    scale = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)  # σ = 1.74: K = 9
+    alpha = torch.randn(num_basis(2), c_in // groups, c_out, dtype=torch.float64, generator=gen, requires_grad=True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        outs = [srf_conv2d(x, scale, alpha, stride=stride, groups=groups, backend=name) for name in ("cpu", "reference")]
+        grad = torch.randn(outs[0].shape, dtype=torch.float64, generator=gen)
+        actual, expected = (torch.autograd.grad(out, (x, scale, alpha), grad) for out in outs)
+    finally:
+        torch.set_num_threads(previous)
+    assert rel_err(outs[0], outs[1]) < 1e-10
+    for label, g, e in zip(("input", "scale", "alpha"), actual, expected):
+        assert rel_err(g, e) < 1e-10, label
