@@ -224,22 +224,38 @@ inline void lane_correlate(scalar_t* __restrict__ dst, int64_t dst_step, const s
   }
 }
 
-// lane_correlate over taps taps: blocks of 8, 4, 2, then single ones.
+// The most taps one lane_correlate takes: its 2·A accumulators, the g lane and
+// a source lane fit in the vector registers (32 with AVX-512, 16 with AVX2).
+#if defined(__AVX512F__)
+constexpr int64_t kTapBlock = 13;
+#else
+constexpr int64_t kTapBlock = 6;
+#endif
+
+// lane_correlate<A> for the runtime A = width ≤ W.
+template <int64_t W, typename scalar_t>
+inline void lane_correlate_width(int64_t width, scalar_t* dst, int64_t dst_step, const scalar_t* g, const scalar_t* s,
+                                 int64_t s_tap, int64_t outer, int64_t g_outer, int64_t s_outer, int64_t inner,
+                                 int64_t g_inner, int64_t s_inner) {
+  if (width == W)
+    lane_correlate<W>(dst, dst_step, g, s, s_tap, outer, g_outer, s_outer, inner, g_inner, s_inner);
+  else if constexpr (W > 1)
+    lane_correlate_width<W - 1>(width, dst, dst_step, g, s, s_tap, outer, g_outer, s_outer, inner, g_inner, s_inner);
+}
+
+// lane_correlate over `taps` taps, as few blocks as the registers allow (one
+// for K ≤ kTapBlock: a short tail block would run on few FMA chains).
 template <typename scalar_t>
 inline void lane_correlates(int64_t taps, scalar_t* dst, int64_t dst_step, const scalar_t* g, const scalar_t* s,
                             int64_t s_tap, int64_t outer, int64_t g_outer, int64_t s_outer, int64_t inner,
                             int64_t g_inner, int64_t s_inner) {
-  int64_t a = 0;
-  const auto block = [&](auto width) {
-    constexpr int64_t W = decltype(width)::value;
-    for (; a + W <= taps; a += W)
-      lane_correlate<W>(dst + a * dst_step, dst_step, g, s + a * s_tap, s_tap, outer, g_outer, s_outer, inner, g_inner,
-                        s_inner);
-  };
-  block(std::integral_constant<int64_t, 8>{});
-  block(std::integral_constant<int64_t, 4>{});
-  block(std::integral_constant<int64_t, 2>{});
-  block(std::integral_constant<int64_t, 1>{});
+  const int64_t blocks = ceil_div(taps, kTapBlock);
+  for (int64_t a = 0, b = 0; b < blocks; ++b) {
+    const int64_t width = (taps - a) / (blocks - b);  // even blocks: 15 taps as 7 + 8, not 13 + 2
+    lane_correlate_width<kTapBlock>(width, dst + a * dst_step, dst_step, g, s + a * s_tap, s_tap, outer, g_outer,
+                                    s_outer, inner, g_inner, s_inner);
+    a += width;
+  }
 }
 
 // Sizes of one thread's tile buffers.
