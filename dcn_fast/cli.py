@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model of the paper on CIFAR-10",
         description="Train on CIFAR-10 with the paper's protocol (SGD 0.9, lr 0.1, x0.1 at 40% and 70% of the "
         "epochs, σ^ji at 80%, 140%, 200%; ±4 px translation + flips; inputs in [0, 1]). Without --data-root: a short run on the sample shipped with the "
-        f"package ({', '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in _sample_defaults().items())}).",
+        f"package ({', '.join(_as_options(_sample_defaults()))}).",
     )
     # Every setting defaults to None ("not given"): see run_train.
     train.add_argument("--model", help=f"one of: {', '.join(MODELS)} (default: dcn-ode)")
@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=positive_int, help="default: 100, more for small subsets")
     train.add_argument("--batch-size", type=positive_int, help="global batch size (default: 128)")
     train.add_argument("--lr", type=float, help="initial learning rate (default: 0.1)")
+    train.add_argument("--lr-drops", type=float, nargs="*", metavar="FRACTION",
+                       help="x0.1 at these fractions of the epochs; none: a constant lr "
+                       "(default: the paper's, 0.4 0.7; dcn-sigma-ji 0.8 1.4 2.0)")
     train.add_argument("--momentum", type=float, help="SGD momentum (default: 0.9)")
     train.add_argument("--weight-decay", type=float, help="SGD weight decay (default: 0)")
     train.add_argument("--seed", type=int, help="seed of init, subset, order, augmentation (default: 0)")
@@ -239,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png)")
     plot.set_defaults(run=run_plot)
     return parser
+
+
+def _as_options(settings: dict) -> list[str]:
+    """``{"epochs": 2, "lr_drops": (0.5,)}`` as ``["--epochs 2", "--lr-drops 0.5"]``."""
+    def values(v) -> str:
+        if isinstance(v, tuple):
+            return "".join(f" {x:g}" for x in v) or " (no fraction: a constant lr)"
+        return f" {v}"
+    return [f"--{k.replace('_', '-')}{values(v)}" for k, v in settings.items()]
 
 
 def _sample_defaults() -> dict:

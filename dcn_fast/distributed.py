@@ -71,6 +71,11 @@ class Ranks:
             return model
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
+    def barrier(self) -> None:
+        """Wait for every process (nothing in a single process)."""
+        if self.active:
+            dist.barrier()
+
     def close(self) -> None:
         if self.active and dist.is_initialized():
             dist.destroy_process_group()

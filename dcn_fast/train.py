@@ -43,11 +43,11 @@ __all__ = ["TrainConfig", "train", "evaluate", "evaluate_checkpoint", "load_mode
            "weights_checkpoint", "autocast", "changed_settings", "default_epochs", "lr_at", "SAMPLE_DEFAULTS"]
 
 #: ``dcn-fast train`` without ``--data-root``: a short DCN-ODE run on the shipped
-#: sample (all of its 200 training images per class, one epoch), about 2.5
-#: minutes of 2 CPU cores (README, Quick start: it shows learning but stays
-#: short of 25 % test accuracy; measurements in bench/results/README.md).
-SAMPLE_DEFAULTS = {"images_per_class": 200, "epochs": 1, "batch_size": 20, "rtol": 0.1, "atol": 0.1,
-                   "gradient": "backprop"}
+#: sample (all of its 200 training images per class, two epochs at a constant lr:
+#: the paper's drops would put the second at 1e-3), about 4 minutes of 2 CPU
+#: cores (README, Quick start; measurements in bench/results/README.md).
+SAMPLE_DEFAULTS = {"images_per_class": 200, "epochs": 2, "lr_drops": (), "batch_size": 20, "rtol": 0.1,
+                   "atol": 0.1, "gradient": "backprop"}
 
 #: Learning-rate drops (×0.1 each) as fractions of the run's epochs.
 LR_DROPS = {"default": (0.4, 0.7), "dcn-sigma-ji": (0.8, 1.4, 2.0)}
@@ -67,6 +67,7 @@ class TrainConfig:
     epochs: int | None = None  # None: default_epochs(images_per_class)
     batch_size: int = 128
     lr: float = 0.1
+    lr_drops: tuple[float, ...] | None = None  # ×0.1 at these fractions of the epochs (None: the model's LR_DROPS)
     momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0
@@ -86,6 +87,10 @@ class TrainConfig:
     eval_batch_size: int = 500
     resume: bool = False  # continue from out/last.pt
     download: bool = False  # fetch CIFAR-10 into data_root (torchvision) if absent
+
+    def __post_init__(self) -> None:
+        if self.lr_drops is not None:  # a list from the CLI or a checkpoint compares equal to the tuple
+            self.lr_drops = tuple(float(f) for f in self.lr_drops)
 
     def validate(self) -> None:
         """Raise ValueError naming the first option out of its range."""
@@ -107,6 +112,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and low < value < high):
                 raise ValueError(f"{_option(name)} must be a finite number > 0, got {value}")
+        if self.lr_drops is not None and not all(math.isfinite(f) and f > 0 for f in self.lr_drops):
+            raise ValueError(f"--lr-drops must be fractions of the epochs > 0, got {list(self.lr_drops)}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
@@ -170,9 +177,10 @@ def default_epochs(images_per_class: int | None) -> int:
 
 def lr_at(config: TrainConfig, epoch: int, epochs: int, drops: tuple[float, ...] | None = None) -> float:
     """Learning rate of (0-based) ``epoch`` of ``epochs``: ×0.1 at each fraction of ``drops``
-    (default: the model's :data:`LR_DROPS`, epochs 40 and 70 of 100; σ^ji 80, 140, 200 of 100),
-    never at epoch 0."""
-    drops = drops or LR_DROPS.get(config.model, LR_DROPS["default"])
+    (default: ``config.lr_drops``, else the model's :data:`LR_DROPS`, epochs 40 and 70 of 100;
+    σ^ji 80, 140, 200 of 100), never at epoch 0; ``()`` keeps ``config.lr`` throughout."""
+    if drops is None:
+        drops = config.lr_drops if config.lr_drops is not None else LR_DROPS.get(config.model, LR_DROPS["default"])
     return config.lr * 0.1 ** sum(epoch >= max(1, int(epochs * f)) for f in drops)
 
 
@@ -528,6 +536,12 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
                            run.data.source, out)
         if ranks.main:
             write_json(summary, out / "summary.json")
+        # A clean end for a launch: DDP's reducer (in run) holds the process group, so it goes
+        # first, and every rank is past its last collective before the group is destroyed (one
+        # rank of a 2-process CPU run once aborted at exit: "terminate called without an
+        # active exception", a known hazard of gloo's threads at teardown).
+        del run
+        ranks.barrier()
         return summary
     finally:
         ranks.close()

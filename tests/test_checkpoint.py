@@ -352,8 +352,12 @@ def test_distributed_data_parallel_gives_the_single_process_gradients(tmp_path):
     images, labels = _ddp_images()
     for rank in range(2):
         (F.cross_entropy(model(images[rank::2]), labels[rank::2]) / 2).backward()
+    # Each parameter to 1e-9 of its own gradient's size, or of the model's largest where its own
+    # is zero up to rounding (the stem's bias feeds a GroupNorm: its gradient is ~1e-14 noise).
+    floor = max(float(p.grad.abs().max()) for p in model.parameters())
     for n, p in model.named_parameters():
-        assert rel_err(got[n], p.grad) < 1e-9, n
+        scale = max(float(p.grad.abs().max()), 1e-3 * floor)
+        assert float((got[n] - p.grad).abs().max()) < 1e-9 * scale, n
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (verified by bench/gpu_check.sh)")

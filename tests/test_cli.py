@@ -16,8 +16,9 @@ from dcn_fast.models import build
 from dcn_fast.train import TrainConfig
 
 # A small, fast run: 100 images (2 steps of 50), 500 test images in 2 batches.
+# The protocol's lr drops, explicitly: a sample run's default is a constant lr.
 SMALL = ["--model", "resnet-srf-blocks", "--images-per-class", "10", "--batch-size", "50", "--lr", "0.05",
-         "--seed", "1", "--eval-batch-size", "250", "--no-progress"]
+         "--lr-drops", "0.4", "0.7", "--seed", "1", "--eval-batch-size", "250", "--no-progress"]
 
 
 @pytest.fixture(autouse=True)

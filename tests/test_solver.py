@@ -62,7 +62,10 @@ def _same_solve(func, y0, T, tol=1e-12, **kwargs):
     # large terms (dt·Σ c_j·k_j ≈ tol while each term ≈ dt·|k|) that the two solvers add in
     # different orders; that rounding (≲ 1e-16·|dt·k|/tol, relative) reaches the next step size.
     assert func.times == pytest.approx(want_times, rel=1e-8, abs=1e-15)
-    assert rel_err(got, want) < tol
+    # y(T) to ``tol`` of the solution's scale, max(|y0|, |y(T)|): where y decays (the stiff test
+    # below ends at ~1/200 of |y0|), rounding at the scale of y0 is all that separates the two.
+    scale = torch.maximum(y0.abs().max(), want.abs().max())
+    assert float((got - want).abs().max() / scale) < tol
     return got
 
 

@@ -17,8 +17,8 @@ from dcn_fast import train as train_module
 from dcn_fast.runfiles import load_checkpoint, save_checkpoint, write_json
 from dcn_fast.data import CLASSES, augment, load_cifar10, per_class_subset, sample_archive, to_inputs
 from dcn_fast.models import build
-from dcn_fast.train import (TrainConfig, default_epochs, eval_split, evaluate, evaluate_checkpoint, load_model,
-                            lr_at, train)
+from dcn_fast.train import (SAMPLE_DEFAULTS, TrainConfig, default_epochs, eval_split, evaluate, evaluate_checkpoint,
+                            load_model, lr_at, train)
 
 
 @pytest.fixture(autouse=True)
@@ -290,6 +290,21 @@ def test_learning_rate_schedules():
     # Another length scales the drops with it: 80 %, 140 %, 200 % of the epochs.
     assert [lr_at(sigma_ji, e, 10) for e in (7, 8)] == pytest.approx([0.1, 0.01])
     assert [lr_at(paper, e, 10) for e in (3, 4, 7)] == pytest.approx([0.1, 0.01, 1e-3])
+    # --lr-drops: the run's own fractions, or none (the sample's default: a constant lr).
+    assert [lr_at(TrainConfig(lr=0.1, lr_drops=[0.5]), e, 4) for e in (0, 1, 2, 3)] == pytest.approx([0.1, 0.1, 0.01, 0.01])
+    assert [lr_at(TrainConfig(lr=0.1, lr_drops=()), e, 2) for e in (0, 1)] == pytest.approx([0.1, 0.1])
+    assert [lr_at(TrainConfig(lr=0.1, lr_drops=[0.25, 0.5]), e, 4) for e in (0, 1, 2)] == pytest.approx([0.1, 0.01, 1e-3])
+    # An explicit schedule (the reconstruction experiment's) wins over the run's.
+    assert lr_at(TrainConfig(lr=0.1, lr_drops=()), 1, 2, (0.5,)) == pytest.approx(0.01)
+    assert TrainConfig(lr_drops=[0.5]).lr_drops == (0.5,)  # lists (CLI, checkpoints) as tuples
+
+
+def test_sample_run_keeps_its_learning_rate():
+    """The sample's two epochs at a constant lr (2 × 100 steps: 26.4 %, README); the paper's drops would
+    put its second epoch at 1e-3 (21.4 %)."""
+    config = TrainConfig(**SAMPLE_DEFAULTS)
+    assert config.lr_drops == () and config.epochs == 2
+    assert [lr_at(config, e, config.epochs) for e in (0, 1)] == [config.lr, config.lr]
 
 
 @pytest.mark.parametrize(
@@ -313,6 +328,8 @@ def test_learning_rate_schedules():
         ({"T": float("nan")}, "--T must be a finite number > 0"),
         ({"model": "resnet-blocks", "T": 2.0}, "--T sets the end time of ODE blocks; resnet-blocks has none"),
         ({"test_images_per_class": 0}, "--test-images-per-class must be in 1..1000"),
+        ({"lr_drops": [0.4, -0.7]}, "--lr-drops must be fractions of the epochs > 0, got [0.4, -0.7]"),
+        ({"lr_drops": [float("nan")]}, "--lr-drops must be fractions of the epochs > 0, got [nan]"),
     ],
 )
 def test_settings_out_of_range_are_refused(setting, message, tmp_path):
