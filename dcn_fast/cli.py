@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=positive_int, help="global batch size (default: 128)")
     train.add_argument("--lr", type=float, help="initial learning rate (default: 0.1)")
     train.add_argument("--lr-drops", type=float, nargs="*", metavar="FRACTION",
-                       help="x0.1 at these fractions of the epochs; none: a constant lr "
-                       "(default: the paper's, 0.4 0.7; dcn-sigma-ji 0.8 1.4 2.0)")
+                       help="x0.1 at these fractions of the epochs; none: a constant lr (default: the paper's, "
+                       "0.4 0.7, dcn-sigma-ji 0.8 1.4 2.0; without --data-root none, at any --epochs)")
     train.add_argument("--momentum", type=float, help="SGD momentum (default: 0.9)")
     train.add_argument("--weight-decay", type=float, help="SGD weight decay (default: 0)")
     train.add_argument("--seed", type=int, help="seed of init, subset, order, augmentation (default: 0)")

@@ -40,7 +40,8 @@ from .checkpoint import REPLAYS
 from .ode import GRADIENTS, SOLVERS, ODEBlock
 
 __all__ = ["TrainConfig", "train", "evaluate", "evaluate_checkpoint", "load_model", "train_split", "eval_split",
-           "weights_checkpoint", "autocast", "changed_settings", "default_epochs", "lr_at", "SAMPLE_DEFAULTS"]
+           "weights_checkpoint", "autocast", "changed_settings", "default_epochs", "lr_at", "lr_drops",
+           "SAMPLE_DEFAULTS"]
 
 #: ``dcn-fast train`` without ``--data-root``: a short DCN-ODE run on the shipped
 #: sample (all of its 200 training images per class, two epochs at a constant lr:
@@ -89,8 +90,8 @@ class TrainConfig:
     download: bool = False  # fetch CIFAR-10 into data_root (torchvision) if absent
 
     def __post_init__(self) -> None:
-        if self.lr_drops is not None:  # a list from the CLI or a checkpoint compares equal to the tuple
-            self.lr_drops = tuple(float(f) for f in self.lr_drops)
+        if isinstance(self.lr_drops, list):  # from the CLI or a checkpoint: compares equal to the tuple
+            self.lr_drops = tuple(self.lr_drops)
 
     def validate(self) -> None:
         """Raise ValueError naming the first option out of its range."""
@@ -112,8 +113,13 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and low < value < high):
                 raise ValueError(f"{_option(name)} must be a finite number > 0, got {value}")
-        if self.lr_drops is not None and not all(math.isfinite(f) and f > 0 for f in self.lr_drops):
-            raise ValueError(f"--lr-drops must be fractions of the epochs > 0, got {list(self.lr_drops)}")
+        if self.lr_drops is not None and not (
+            isinstance(self.lr_drops, tuple)
+            and all(isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0
+                    for f in self.lr_drops)
+        ):
+            shown = list(self.lr_drops) if isinstance(self.lr_drops, tuple) else repr(self.lr_drops)
+            raise ValueError(f"--lr-drops must be fractions of the epochs > 0, got {shown}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
@@ -180,8 +186,16 @@ def lr_at(config: TrainConfig, epoch: int, epochs: int, drops: tuple[float, ...]
     (default: ``config.lr_drops``, else the model's :data:`LR_DROPS`, epochs 40 and 70 of 100;
     σ^ji 80, 140, 200 of 100), never at epoch 0; ``()`` keeps ``config.lr`` throughout."""
     if drops is None:
-        drops = config.lr_drops if config.lr_drops is not None else LR_DROPS.get(config.model, LR_DROPS["default"])
-    return config.lr * 0.1 ** sum(epoch >= max(1, int(epochs * f)) for f in drops)
+        drops = lr_drops(config)
+    # + 1e-9: a fraction's product that rounds below an integer (0.57 × 100 = 56.999…) is that integer.
+    return config.lr * 0.1 ** sum(epoch >= max(1, int(epochs * f + 1e-9)) for f in drops)
+
+
+def lr_drops(config: TrainConfig) -> tuple[float, ...]:
+    """The fractions of the epochs at which ``config``'s lr drops ×0.1: its own, else the model's."""
+    if config.lr_drops is not None:
+        return tuple(config.lr_drops)
+    return LR_DROPS.get(config.model, LR_DROPS["default"])
 
 
 def autocast(config: TrainConfig, device: torch.device):
@@ -445,9 +459,16 @@ def _summary(config: TrainConfig, epochs: int, history: list, best: dict, parame
 def changed_settings(saved: TrainConfig, config: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
     """The settings in which ``config`` differs from ``saved``, as ``--option old -> new``
     (where the run is written and how it was started aside, and the names in ``ignore``)."""
-    epochs = lambda c: c.epochs or default_epochs(c.images_per_class)  # noqa: E731
-    saved, config = replace(saved, epochs=epochs(saved)), replace(config, epochs=epochs(config))
-    return [f"{_option(f.name)} {getattr(saved, f.name)} -> {getattr(config, f.name)}" for f in fields(TrainConfig)
+    # Compared as they act: the default epochs and lr drops as numbers.
+    effective = lambda c: replace(c, epochs=c.epochs or default_epochs(c.images_per_class),  # noqa: E731
+                                  lr_drops=lr_drops(c))
+    saved, config = effective(saved), effective(config)
+
+    def shown(value) -> str:
+        return " ".join(f"{x:g}" for x in value) or "(none)" if isinstance(value, tuple) else str(value)
+
+    return [f"{_option(f.name)} {shown(getattr(saved, f.name))} -> {shown(getattr(config, f.name))}"
+            for f in fields(TrainConfig)
             if f.name not in _NOT_SETTINGS + ignore and getattr(saved, f.name) != getattr(config, f.name)]
 
 

@@ -17,8 +17,8 @@ from dcn_fast import train as train_module
 from dcn_fast.runfiles import load_checkpoint, save_checkpoint, write_json
 from dcn_fast.data import CLASSES, augment, load_cifar10, per_class_subset, sample_archive, to_inputs
 from dcn_fast.models import build
-from dcn_fast.train import (SAMPLE_DEFAULTS, TrainConfig, default_epochs, eval_split, evaluate, evaluate_checkpoint,
-                            load_model, lr_at, train)
+from dcn_fast.train import (SAMPLE_DEFAULTS, TrainConfig, changed_settings, default_epochs, eval_split, evaluate,
+                            evaluate_checkpoint, load_model, lr_at, train)
 
 
 @pytest.fixture(autouse=True)
@@ -297,6 +297,17 @@ def test_learning_rate_schedules():
     # An explicit schedule (the reconstruction experiment's) wins over the run's.
     assert lr_at(TrainConfig(lr=0.1, lr_drops=()), 1, 2, (0.5,)) == pytest.approx(0.01)
     assert TrainConfig(lr_drops=[0.5]).lr_drops == (0.5,)  # lists (CLI, checkpoints) as tuples
+    # A fraction whose product rounds just below an integer drops at that integer (0.57 × 100 = 56.999…).
+    drop = TrainConfig(lr=0.1, lr_drops=(0.57,))
+    assert [lr_at(drop, e, 100) for e in (56, 57)] == pytest.approx([0.1, 0.01])
+
+
+def test_changed_lr_drops_are_compared_as_they_act():
+    """The model's default schedule spelled out is no change; a real one is shown as the CLI takes it."""
+    assert changed_settings(TrainConfig(), TrainConfig(lr_drops=[0.4, 0.7])) == []
+    sigma_ji = TrainConfig(model="dcn-sigma-ji")
+    assert changed_settings(sigma_ji, TrainConfig(model="dcn-sigma-ji", lr_drops=(0.8, 1.4, 2))) == []
+    assert changed_settings(TrainConfig(lr_drops=(0.5,)), TrainConfig(lr_drops=())) == ["--lr-drops 0.5 -> (none)"]
 
 
 def test_sample_run_keeps_its_learning_rate():
@@ -330,6 +341,9 @@ def test_sample_run_keeps_its_learning_rate():
         ({"test_images_per_class": 0}, "--test-images-per-class must be in 1..1000"),
         ({"lr_drops": [0.4, -0.7]}, "--lr-drops must be fractions of the epochs > 0, got [0.4, -0.7]"),
         ({"lr_drops": [float("nan")]}, "--lr-drops must be fractions of the epochs > 0, got [nan]"),
+        ({"lr_drops": 0.5}, "--lr-drops must be fractions of the epochs > 0, got 0.5"),
+        ({"lr_drops": "0.5"}, "--lr-drops must be fractions of the epochs > 0, got '0.5'"),
+        ({"lr_drops": [True]}, "--lr-drops must be fractions of the epochs > 0, got [True]"),
     ],
 )
 def test_settings_out_of_range_are_refused(setting, message, tmp_path):
