@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model of the paper on CIFAR-10",
         description="Train on CIFAR-10 with the paper's protocol (SGD 0.9, lr 0.1, x0.1 at 40% and 70% of the "
         "epochs, σ^ji at 80%, 140%, 200%; ±4 px translation + flips; inputs in [0, 1]). Without --data-root: a short run on the sample shipped with the "
-        f"package ({', '.join(_as_options(_sample_defaults()))}).",
+        f"package ({', '.join(_sample_options())}).",
     )
     # Every setting defaults to None ("not given"): see run_train.
     train.add_argument("--model", help=f"one of: {', '.join(MODELS)} (default: dcn-ode)")
@@ -244,19 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _as_options(settings: dict) -> list[str]:
-    """``{"epochs": 2, "lr_drops": (0.5,)}`` as ``["--epochs 2", "--lr-drops 0.5"]``."""
-    def values(v) -> str:
-        if isinstance(v, tuple):
-            return "".join(f" {x:g}" for x in v) or " (no fraction: a constant lr)"
-        return f" {v}"
-    return [f"--{k.replace('_', '-')}{values(v)}" for k, v in settings.items()]
+def _sample_options() -> list[str]:
+    """The sample run's settings as options: ``["--images-per-class 200", ..., "--lr-drops (none)", ...]``."""
+    from .train import SAMPLE_DEFAULTS, shown_setting
 
-
-def _sample_defaults() -> dict:
-    from .train import SAMPLE_DEFAULTS
-
-    return SAMPLE_DEFAULTS
+    return [f"--{k.replace('_', '-')} {shown_setting(v)}" for k, v in SAMPLE_DEFAULTS.items()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,7 +40,7 @@ from .checkpoint import REPLAYS
 from .ode import GRADIENTS, SOLVERS, ODEBlock
 
 __all__ = ["TrainConfig", "train", "evaluate", "evaluate_checkpoint", "load_model", "train_split", "eval_split",
-           "weights_checkpoint", "autocast", "changed_settings", "default_epochs", "lr_at", "lr_drops",
+           "weights_checkpoint", "autocast", "changed_settings", "shown_setting", "default_epochs", "lr_at", "lr_drops",
            "SAMPLE_DEFAULTS"]
 
 #: ``dcn-fast train`` without ``--data-root``: a short DCN-ODE run on the shipped
@@ -456,6 +456,13 @@ def _summary(config: TrainConfig, epochs: int, history: list, best: dict, parame
     }
 
 
+def shown_setting(value) -> str:
+    """A setting's value as its option takes it: ``(0.4, 0.7)`` as ``0.4 0.7``, ``()`` as ``(none)``."""
+    if isinstance(value, tuple):
+        return " ".join(f"{x:g}" for x in value) or "(none)"
+    return str(value)
+
+
 def changed_settings(saved: TrainConfig, config: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
     """The settings in which ``config`` differs from ``saved``, as ``--option old -> new``
     (where the run is written and how it was started aside, and the names in ``ignore``)."""
@@ -463,11 +470,7 @@ def changed_settings(saved: TrainConfig, config: TrainConfig, ignore: tuple[str,
     effective = lambda c: replace(c, epochs=c.epochs or default_epochs(c.images_per_class),  # noqa: E731
                                   lr_drops=lr_drops(c))
     saved, config = effective(saved), effective(config)
-
-    def shown(value) -> str:
-        return " ".join(f"{x:g}" for x in value) or "(none)" if isinstance(value, tuple) else str(value)
-
-    return [f"{_option(f.name)} {shown(getattr(saved, f.name))} -> {shown(getattr(config, f.name))}"
+    return [f"{_option(f.name)} {shown_setting(getattr(saved, f.name))} -> {shown_setting(getattr(config, f.name))}"
             for f in fields(TrainConfig)
             if f.name not in _NOT_SETTINGS + ignore and getattr(saved, f.name) != getattr(config, f.name)]
 

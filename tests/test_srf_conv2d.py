@@ -345,12 +345,9 @@ def test_auto_rule_for_cuda(monkeypatch):
     [((2, 3, 4, 70, 31), 1, 1), ((1, 4, 6, 75, 29), (2, 1), 2), ((3, 2, 2, 41, 60), 2, 1)],
     ids=["stride1", "stride21-groups", "stride2"],
 )
-def test_cpu_kernel_across_tiles(shape, stride, groups, threads):
+def test_cpu_kernel_across_tiles(shape, stride, groups, threads, cpu_kernel):
     """The tiled kernel where an image spans several tiles (forward tiles of ~1024 output pixels, backward
     ones of ~512 in an even and an odd sweep; a small batch cut further, one tile per thread), float64."""
-    from conftest import cpu_kernel_or_skip
-
-    cpu_kernel_or_skip()
     gen = torch.Generator().manual_seed(1)
     b, c_in, c_out, h, w = shape
     x = torch.randn(b, c_in, h, w, dtype=torch.float64, generator=gen, requires_grad=True)
