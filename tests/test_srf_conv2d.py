@@ -342,12 +342,15 @@ def test_auto_rule_for_cuda(monkeypatch):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize(
     "shape, stride, groups",
-    [((2, 3, 4, 70, 31), 1, 1), ((1, 4, 6, 75, 29), (2, 1), 2), ((3, 2, 2, 41, 60), 2, 1)],
-    ids=["stride1", "stride21-groups", "stride2"],
+    [((2, 3, 4, 70, 31), 1, 1), ((1, 4, 6, 75, 29), (2, 1), 2), ((3, 2, 2, 41, 60), 2, 1),
+     ((7, 3, 5, 9, 8), 1, 1), ((5, 4, 6, 11, 10), 2, 2), ((40, 2, 3, 6, 6), 1, 1)],
+    ids=["stride1", "stride21-groups", "stride2", "whole-images", "whole-images-stride2-groups", "whole-images-capped"],
 )
 def test_cpu_kernel_across_tiles(shape, stride, groups, threads, cpu_kernel):
     """The tiled kernel where an image spans several tiles (forward tiles of ~1024 output pixels, backward
-    ones of ~512 in an even and an odd sweep; a small batch cut further, one tile per thread), float64."""
+    ones of ~512 in an even and an odd sweep; a small batch cut further, one tile per thread), and where
+    the forward puts several whole small images in a tile (as many as ~1024 pixels allow, the tiles shared
+    evenly by the threads, the last one shorter), float64."""
     gen = torch.Generator().manual_seed(1)
     b, c_in, c_out, h, w = shape
     x = torch.randn(b, c_in, h, w, dtype=torch.float64, generator=gen, requires_grad=True)

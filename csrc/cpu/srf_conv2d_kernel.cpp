@@ -1,10 +1,11 @@
 // CPU kernel of dcn_fast::srf_tiled_conv2d (the "cpu" backend): the separable basis algorithm
-// (DESIGN.md §2), tiled over (image, block of output rows).
+// (DESIGN.md §2), tiled over (image, block of output rows); small images go
+// several whole to a tile.
 //
-// Per tile and group: the input footprint is laid out channels-innermost, one
-// 1-D pass along W with the N+1 taps, then one pass along H per basis pair
-// (l, m); the F basis responses of the tile's C_in/groups channels feed one
-// GEMM with α.
+// Per tile, image and group: the input footprint is laid out channels-innermost,
+// one 1-D pass along W with the N+1 taps, then one pass along H per basis pair
+// (l, m); the F basis responses of the tile's C_in/groups channels, all its
+// images together, feed one GEMM with α.
 // Only one tile's responses exist at a time per thread, never the whole
 // [B, F*C_in, Ho, Wo] stack. The backward recomputes them.
 #include <ATen/ATen.h>
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <cstring>
 #include <array>
+#include <new>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -35,13 +37,17 @@ struct Geometry {
   int64_t batch, c_in, height, width, c_out, groups, c_in_g, c_out_g;
   int64_t order1, n_basis, k, stride_h, stride_w, pad_h, pad_w;
   int64_t out_h, out_w, padded_w, tile_rows, n_tiles, max_footprint;
+  // Small images are tiled whole, several to a tile (their GEMMs would be
+  // short otherwise): tile i covers images [i·images_per_tile, ...).
+  int64_t images_per_tile, image_groups;
   std::vector<int64_t> row_tap, col_tap;  // (l, m) of each basis function
 
   int64_t footprint(int64_t rows) const { return (rows - 1) * stride_h + k; }
 };
 
 Geometry make_geometry(const at::Tensor& input, const at::Tensor& taps, const at::Tensor& alpha,
-                       at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups, int64_t tile_pixels) {
+                       at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups, int64_t tile_pixels,
+                       bool whole_images) {
   TORCH_CHECK(input.dim() == 4, "srf_conv2d: input must be 4-D [B, C_in, H, W], got ", input.sizes());
   TORCH_CHECK(taps.dim() == 2 && taps.size(1) % 2 == 1,
               "srf_conv2d: taps must be [order+1, K] with K odd, got ", taps.sizes());
@@ -92,18 +98,31 @@ Geometry make_geometry(const at::Tensor& input, const at::Tensor& taps, const at
   g.tile_rows = std::min(std::max(rows, ceil_div(g.k, g.stride_h)), g.out_h);
   g.n_tiles = ceil_div(g.out_h, g.tile_rows);
   g.max_footprint = g.footprint(g.tile_rows);
+  // As many whole images to a tile as its pixels allow, in a number of tiles
+  // that the threads share evenly (8 images of 7x7 on 2 threads: 2 tiles of 4).
+  g.images_per_tile = 1;
+  if (whole_images && g.n_tiles == 1 && g.batch > 1) {
+    const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
+    const int64_t most = std::max<int64_t>(tile_pixels / (g.out_h * g.out_w), 1);
+    const int64_t tiles = ceil_div(ceil_div(g.batch, most), threads) * threads;
+    g.images_per_tile = ceil_div(g.batch, std::min(tiles, g.batch));
+  }
+  g.image_groups = ceil_div(g.batch, g.images_per_tile);
   return g;
 }
 
-// The per-tile work both directions share: where the tile is, and the
-// [C_out_g, pixels] window of an output-shaped tensor for image b, group grp.
+// The per-tile work both directions share: where the tile is (images
+// [b, b + images), output rows [first_out_row, + rows) of each; pixels and
+// footprint are per image), and its window of an output-shaped tensor.
 struct Tile {
-  int64_t b, first_out_row, rows, pixels, footprint, first_padded_row;
+  int64_t b, images, first_out_row, rows, pixels, footprint, first_padded_row;
 };
 
-Tile make_tile(const Geometry& g, int64_t b, int64_t t) {
+// Tile t of group `group` of images.
+Tile make_tile(const Geometry& g, int64_t group, int64_t t) {
   Tile tile;
-  tile.b = b;
+  tile.b = group * g.images_per_tile;
+  tile.images = std::min(g.images_per_tile, g.batch - tile.b);
   tile.first_out_row = t * g.tile_rows;
   tile.rows = std::min(g.tile_rows, g.out_h - tile.first_out_row);
   tile.pixels = tile.rows * g.out_w;
@@ -112,11 +131,16 @@ Tile make_tile(const Geometry& g, int64_t b, int64_t t) {
   return tile;
 }
 
-at::Tensor output_window(const at::Tensor& out, const Geometry& g, const Tile& tile, int64_t grp) {
-  return out.select(0, tile.b)
-      .narrow(0, grp * g.c_out_g, g.c_out_g)
-      .narrow(1, tile.first_out_row, tile.rows)
-      .view({g.c_out_g, tile.pixels});
+// The tile's window of an output-shaped tensor, group grp, as the
+// [C_out_g, images·pixels] matrix of its GEMMs: copy(tensor offset, matrix
+// offset) for each run of `pixels` values (one channel of one image).
+template <typename Copy>
+void for_window_runs(const Geometry& g, const Tile& tile, int64_t grp, Copy copy) {
+  const int64_t plane = g.out_h * g.out_w, row = tile.images * tile.pixels;
+  for (int64_t img = 0; img < tile.images; ++img)
+    for (int64_t o = 0; o < g.c_out_g; ++o)
+      copy(((tile.b + img) * g.c_out + grp * g.c_out_g + o) * plane + tile.first_out_row * g.out_w,
+           o * row + img * tile.pixels);
 }
 
 // Tile buffers keep the group's channels innermost, padded to whole lanes of
@@ -258,18 +282,36 @@ inline void lane_correlates(int64_t taps, scalar_t* dst, int64_t dst_step, const
   }
 }
 
+// A thread's tile buffer, aligned to whole lanes: every lane of a buffer then
+// sits in one cache line (malloc's 16-byte alignment split each 64-byte load
+// across two).
+template <typename T>
+struct LaneAligned {
+  using value_type = T;
+  LaneAligned() = default;
+  template <typename U>
+  LaneAligned(const LaneAligned<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(kLaneBytes))); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(kLaneBytes)); }
+  bool operator==(const LaneAligned&) const { return true; }
+  bool operator!=(const LaneAligned&) const { return false; }
+};
+template <typename scalar_t>
+using TileBuffer = std::vector<scalar_t, LaneAligned<scalar_t>>;
+
 // Sizes of one thread's tile buffers.
 template <typename scalar_t>
 struct Buffers {
-  int64_t lanes;     // C_in_g rounded up to whole lanes
-  int64_t xt, z, resp, grad_xt;
+  int64_t lanes;       // C_in_g rounded up to whole lanes
+  int64_t xt, z;       // one image's
+  int64_t resp, window;  // the whole tile's
   explicit Buffers(const Geometry& g) {
     lanes = ceil_div(g.c_in_g, kLane<scalar_t>) * kLane<scalar_t>;
     xt = g.max_footprint * g.padded_w * lanes;
     z = g.order1 * g.max_footprint * g.out_w * lanes;
     // + one lane: a lane-wide read of the last compact row stays in bounds.
-    resp = g.tile_rows * g.out_w * g.n_basis * g.c_in_g + kLane<scalar_t>;
-    grad_xt = xt;
+    resp = g.images_per_tile * g.tile_rows * g.out_w * g.n_basis * g.c_in_g + kLane<scalar_t>;
+    window = g.c_out_g * g.images_per_tile * g.tile_rows * g.out_w;
   }
 };
 
@@ -316,7 +358,7 @@ void pass_along_h(const scalar_t* z, const scalar_t* taps, const Geometry& g, co
 
 at::Tensor srf_conv2d_cpu(const at::Tensor& input_, const at::Tensor& taps_, const at::Tensor& alpha_,
                           at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups) {
-  const Geometry g = make_geometry(input_, taps_, alpha_, stride, padding, groups, kForwardTilePixels);
+  const Geometry g = make_geometry(input_, taps_, alpha_, stride, padding, groups, kForwardTilePixels, true);
   // Detached: the GEMMs below must not meet autograd, here or in worker threads.
   const at::Tensor input = input_.detach().contiguous(), taps = taps_.detach().contiguous(),
                    alpha = alpha_.detach().contiguous();
@@ -326,19 +368,28 @@ at::Tensor srf_conv2d_cpu(const at::Tensor& input_, const at::Tensor& taps_, con
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "srf_conv2d_cpu", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* tp = taps.const_data_ptr<scalar_t>();
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
     const Buffers<scalar_t> size(g);
-    at::parallel_for(0, g.batch * g.n_tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> xt(size.xt), z(size.z), resp(size.resp, scalar_t(0));
+    const int64_t compact = g.n_basis * g.c_in_g;  // one pixel's responses
+    at::parallel_for(0, g.image_groups * g.n_tiles, 1, [&](int64_t begin, int64_t end) {
+      TileBuffer<scalar_t> xt(size.xt), z(size.z), resp(size.resp, scalar_t(0)), window(size.window);
       for (int64_t item = begin; item < end; ++item) {
         const Tile tile = make_tile(g, item / g.n_tiles, item % g.n_tiles);
+        const int64_t columns = tile.images * tile.pixels;
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          load_tile(x + (tile.b * g.c_in + grp * g.c_in_g) * g.height * g.width, g, tile, size.lanes, xt.data());
-          pass_along_w(xt.data(), tp, g, tile, size.lanes, z.data());
-          pass_along_h(z.data(), tp, g, tile, size.lanes, resp.data());
-          const at::Tensor responses = at::from_blob(resp.data(), {tile.pixels, g.n_basis * g.c_in_g}, input.options());
+          for (int64_t img = 0; img < tile.images; ++img) {
+            load_tile(x + ((tile.b + img) * g.c_in + grp * g.c_in_g) * g.height * g.width, g, tile, size.lanes,
+                      xt.data());
+            pass_along_w(xt.data(), tp, g, tile, size.lanes, z.data());
+            pass_along_h(z.data(), tp, g, tile, size.lanes, resp.data() + img * tile.pixels * compact);
+          }
+          const at::Tensor responses = at::from_blob(resp.data(), {columns, compact}, input.options());
           const at::Tensor a = alpha2d.narrow(1, grp * g.c_out_g, g.c_out_g);
-          at::Tensor y = output_window(out, g, tile, grp);
-          at::mm_out(y, a.t(), responses.t());
+          at::Tensor y_tile = at::from_blob(window.data(), {g.c_out_g, columns}, input.options());
+          at::mm_out(y_tile, a.t(), responses.t());
+          for_window_runs(g, tile, grp, [&](int64_t at, int64_t from) {
+            std::copy(window.data() + from, window.data() + from + tile.pixels, y + at);
+          });
         }
       }
     });
@@ -349,7 +400,7 @@ at::Tensor srf_conv2d_cpu(const at::Tensor& input_, const at::Tensor& taps_, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> srf_conv2d_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input_, const at::Tensor& taps_, const at::Tensor& alpha_,
     at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups, std::array<bool, 3> output_mask) {
-  const Geometry g = make_geometry(input_, taps_, alpha_, stride, padding, groups, kBackwardTilePixels);
+  const Geometry g = make_geometry(input_, taps_, alpha_, stride, padding, groups, kBackwardTilePixels, false);
   const auto [need_input, need_taps, need_alpha] = output_mask;
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.batch, g.c_out, g.out_h, g.out_w}),
               "srf_conv2d_backward: grad_output has shape ", grad_output.sizes());
@@ -378,89 +429,104 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> srf_conv2d_backward_cpu(
     scalar_t* gx = need_input ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
     const Buffers<scalar_t> size(g);
     const int64_t lanes = size.lanes, cig = g.c_in_g, nb = g.n_basis;
+    const scalar_t* gy_data = gy.const_data_ptr<scalar_t>();
 
     for (int64_t parity = 0; parity < 2; ++parity) {
       const int64_t per_image = (g.n_tiles - parity + 1) / 2;
-      at::parallel_for(0, g.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, g.image_groups * per_image, 1, [&](int64_t begin, int64_t end) {
         const int64_t tid = at::get_thread_num();
         TORCH_CHECK(tid < n_threads, "srf_conv2d_backward: thread id ", tid, " >= ", n_threads);
-        std::vector<scalar_t> xt(read_input ? size.xt : 0), z(read_input ? size.z : 0);
-        std::vector<scalar_t> resp(need_alpha ? size.resp : 0, scalar_t(0)), grad_resp(size.resp, scalar_t(0));
-        std::vector<scalar_t> grad_z(size.z), grad_xt(need_input ? size.grad_xt : 0);
+        // xt and z of every image of a tile (the taps gradient reads them after the GEMMs), grad_z
+        // and grad_xt of one.
+        const int64_t images = g.images_per_tile;
+        TileBuffer<scalar_t> xt(read_input ? images * size.xt : 0), z(read_input ? images * size.z : 0);
+        TileBuffer<scalar_t> resp(need_alpha ? size.resp : 0, scalar_t(0)), grad_resp(size.resp, scalar_t(0));
+        TileBuffer<scalar_t> grad_z(size.z), grad_xt(need_input ? size.xt : 0), gy_window(size.window);
         // Lane-wise partial sums of the tap gradient, reduced over channels at the end.
-        std::vector<scalar_t> tap_acc(need_taps ? g.order1 * g.k * lanes : 0, scalar_t(0));
+        TileBuffer<scalar_t> tap_acc(need_taps ? g.order1 * g.k * lanes : 0, scalar_t(0));
         for (int64_t item = begin; item < end; ++item) {
           const Tile tile = make_tile(g, item / per_image, parity + 2 * (item % per_image));
+          const int64_t columns = tile.images * tile.pixels;
           for (int64_t grp = 0; grp < g.groups; ++grp) {
-            const at::Tensor gy_tile = output_window(gy, g, tile, grp);
+            for_window_runs(g, tile, grp, [&](int64_t at, int64_t to) {
+              std::copy(gy_data + at, gy_data + at + tile.pixels, gy_window.data() + to);
+            });
+            const at::Tensor gy_tile = at::from_blob(gy_window.data(), {g.c_out_g, columns}, options);
             const at::Tensor a = alpha2d.narrow(1, grp * g.c_out_g, g.c_out_g);
-            const int64_t first_plane = (tile.b * g.c_in + grp * cig) * g.height * g.width;
-            if (read_input) {
-              load_tile(x + first_plane, g, tile, lanes, xt.data());
-              pass_along_w(xt.data(), tp, g, tile, lanes, z.data());
-            }
+            const auto first_plane = [&](int64_t img) { return ((tile.b + img) * g.c_in + grp * cig) * g.height * g.width; };
+            if (read_input)
+              for (int64_t img = 0; img < tile.images; ++img) {
+                load_tile(x + first_plane(img), g, tile, lanes, xt.data() + img * size.xt);
+                pass_along_w(xt.data() + img * size.xt, tp, g, tile, lanes, z.data() + img * size.z);
+              }
             if (need_alpha) {
-              pass_along_h(z.data(), tp, g, tile, lanes, resp.data());
-              const at::Tensor responses = at::from_blob(resp.data(), {tile.pixels, nb * cig}, options);
+              for (int64_t img = 0; img < tile.images; ++img)
+                pass_along_h(z.data() + img * size.z, tp, g, tile, lanes, resp.data() + img * tile.pixels * nb * cig);
+              const at::Tensor responses = at::from_blob(resp.data(), {columns, nb * cig}, options);
               alpha_parts.select(0, tid).narrow(1, grp * g.c_out_g, g.c_out_g).addmm_(responses.t(), gy_tile.t());
             }
             if (!(need_input || need_taps)) continue;
-            at::Tensor grad_responses = at::from_blob(grad_resp.data(), {tile.pixels, nb * cig}, options);
+            at::Tensor grad_responses = at::from_blob(grad_resp.data(), {columns, nb * cig}, options);
             at::mm_out(grad_responses, gy_tile.t(), a.t());
 
-            // Transposed H pass, as a gather: grad_z[m][r][wo] = Σ_(f: m_f = m) Σ_ho b_l[r - ho·sH] ·
-            // grad_resp[ho·Wo + wo][f] over the ho with 0 <= r - ho·sH < K.
-            for (int64_t m = 0; m < g.order1; ++m)
-              for (int64_t r = 0; r < tile.footprint; ++r) {
-                const int64_t ho_lo = std::max<int64_t>(0, ceil_div(std::max<int64_t>(r - g.k + 1, 0), g.stride_h));
-                const int64_t ho_hi = std::min(tile.rows - 1, r / g.stride_h);
-                for (int64_t i0 = 0; i0 < lanes; i0 += V) {
-                  scalar_t* dst = grad_z.data() + (m * tile.footprint + r) * g.out_w * lanes + i0;
-                  for (int64_t wo = 0; wo < g.out_w; ++wo) std::fill(dst + wo * lanes, dst + wo * lanes + V, scalar_t(0));
-                  if (ho_hi < ho_lo) continue;
-                  for (int64_t f = 0; f < nb; ++f) {
-                    if (g.col_tap[f] != m) continue;
-                    lane_sums(g.out_w, dst, lanes, true, V, grad_resp.data() + (ho_lo * g.out_w * nb + f) * cig + i0,
-                              nb * cig, g.out_w * nb * cig, tp + g.row_tap[f] * g.k + (r - ho_lo * g.stride_h),
-                              -g.stride_h, ho_hi - ho_lo + 1);
+            for (int64_t img = 0; img < tile.images; ++img) {
+              const scalar_t* gr = grad_resp.data() + img * tile.pixels * nb * cig;
+              const scalar_t* zi = read_input ? z.data() + img * size.z : nullptr;
+              const scalar_t* xi = read_input ? xt.data() + img * size.xt : nullptr;
+              // Transposed H pass, as a gather: grad_z[m][r][wo] = Σ_(f: m_f = m) Σ_ho b_l[r - ho·sH] ·
+              // grad_resp[ho·Wo + wo][f] over the ho with 0 <= r - ho·sH < K.
+              for (int64_t m = 0; m < g.order1; ++m)
+                for (int64_t r = 0; r < tile.footprint; ++r) {
+                  const int64_t ho_lo = std::max<int64_t>(0, ceil_div(std::max<int64_t>(r - g.k + 1, 0), g.stride_h));
+                  const int64_t ho_hi = std::min(tile.rows - 1, r / g.stride_h);
+                  for (int64_t i0 = 0; i0 < lanes; i0 += V) {
+                    scalar_t* dst = grad_z.data() + (m * tile.footprint + r) * g.out_w * lanes + i0;
+                    for (int64_t wo = 0; wo < g.out_w; ++wo)
+                      std::fill(dst + wo * lanes, dst + wo * lanes + V, scalar_t(0));
+                    if (ho_hi < ho_lo) continue;
+                    for (int64_t f = 0; f < nb; ++f) {
+                      if (g.col_tap[f] != m) continue;
+                      lane_sums(g.out_w, dst, lanes, true, V, gr + (ho_lo * g.out_w * nb + f) * cig + i0, nb * cig,
+                                g.out_w * nb * cig, tp + g.row_tap[f] * g.k + (r - ho_lo * g.stride_h), -g.stride_h,
+                                ho_hi - ho_lo + 1);
+                    }
                   }
                 }
+              if (need_taps) {
+                // b_l in its row role: Σ_pixels grad_resp[.][f] · z[m][ho·sH + a][wo], a < K.
+                for (int64_t f = 0; f < nb; ++f)
+                  for (int64_t i0 = 0; i0 < lanes; i0 += V)
+                    lane_correlates(g.k, tap_acc.data() + g.row_tap[f] * g.k * lanes + i0, lanes, gr + f * cig + i0,
+                                    zi + g.col_tap[f] * tile.footprint * g.out_w * lanes + i0, g.out_w * lanes,
+                                    tile.rows, g.out_w * nb * cig, g.stride_h * g.out_w * lanes, g.out_w, nb * cig,
+                                    lanes);
+                // b_m in its column role: Σ grad_z[m][r][wo] · xt[r][wo·sW + c], c < K.
+                for (int64_t m = 0; m < g.order1; ++m)
+                  for (int64_t i0 = 0; i0 < lanes; i0 += V)
+                    lane_correlates(g.k, tap_acc.data() + m * g.k * lanes + i0, lanes,
+                                    grad_z.data() + m * tile.footprint * g.out_w * lanes + i0, xi + i0, lanes,
+                                    tile.footprint, g.out_w * lanes, g.padded_w * lanes, g.out_w, lanes,
+                                    g.stride_w * lanes);
               }
-            if (need_taps) {
-              // b_l in its row role: Σ_pixels grad_resp[.][f] · z[m][ho·sH + a][wo], a < K.
-              for (int64_t f = 0; f < nb; ++f)
-                for (int64_t i0 = 0; i0 < lanes; i0 += V)
-                  lane_correlates(g.k, tap_acc.data() + g.row_tap[f] * g.k * lanes + i0, lanes,
-                                  grad_resp.data() + f * cig + i0,
-                                  z.data() + g.col_tap[f] * tile.footprint * g.out_w * lanes + i0, g.out_w * lanes,
-                                  tile.rows, g.out_w * nb * cig, g.stride_h * g.out_w * lanes, g.out_w, nb * cig,
-                                  lanes);
-              // b_m in its column role: Σ grad_z[m][r][wo] · xt[r][wo·sW + c], c < K.
-              for (int64_t m = 0; m < g.order1; ++m)
-                for (int64_t i0 = 0; i0 < lanes; i0 += V)
-                  lane_correlates(g.k, tap_acc.data() + m * g.k * lanes + i0, lanes,
-                                  grad_z.data() + m * tile.footprint * g.out_w * lanes + i0, xt.data() + i0, lanes,
-                                  tile.footprint, g.out_w * lanes, g.padded_w * lanes, g.out_w, lanes,
-                                  g.stride_w * lanes);
-            }
-            if (need_input) {
-              // Transposed W pass, scattered: grad_xt[r][wo·sW + c] += Σ_m b_m[c] · grad_z[m][r][wo],
-              // the sum over m formed in registers; for each c a run of outputs wo at once
-              // (distinct addresses, independent chains).
-              for (int64_t r = 0; r < tile.footprint; ++r) {
-                const int64_t h = tile.first_padded_row + r - g.pad_h;
-                if (h < 0 || h >= g.height) continue;
-                scalar_t* grad_row = grad_xt.data() + r * g.padded_w * lanes;
-                std::fill(grad_row, grad_row + g.padded_w * lanes, scalar_t(0));
-                const int64_t m_step = tile.footprint * g.out_w * lanes;
-                for (int64_t i0 = 0; i0 < lanes; i0 += V)
-                  for (int64_t c = 0; c < g.k; ++c)
-                    lane_sums(g.out_w, grad_row + c * lanes + i0, g.stride_w * lanes, true, V,
-                              grad_z.data() + r * g.out_w * lanes + i0, lanes, m_step, tp + c, g.k, g.order1);
-                for (int64_t i = 0; i < cig; ++i) {
-                  scalar_t* dst = gx + first_plane + (i * g.height + h) * g.width;
-                  const scalar_t* src = grad_xt.data() + (r * g.padded_w + g.pad_w) * lanes + i;
-                  for (int64_t w = 0; w < g.width; ++w) dst[w] += src[w * lanes];
+              if (need_input) {
+                // Transposed W pass, scattered: grad_xt[r][wo·sW + c] += Σ_m b_m[c] · grad_z[m][r][wo],
+                // the sum over m formed in registers; for each c a run of outputs wo at once
+                // (distinct addresses, independent chains).
+                for (int64_t r = 0; r < tile.footprint; ++r) {
+                  const int64_t h = tile.first_padded_row + r - g.pad_h;
+                  if (h < 0 || h >= g.height) continue;
+                  scalar_t* grad_row = grad_xt.data() + r * g.padded_w * lanes;
+                  std::fill(grad_row, grad_row + g.padded_w * lanes, scalar_t(0));
+                  const int64_t m_step = tile.footprint * g.out_w * lanes;
+                  for (int64_t i0 = 0; i0 < lanes; i0 += V)
+                    for (int64_t c = 0; c < g.k; ++c)
+                      lane_sums(g.out_w, grad_row + c * lanes + i0, g.stride_w * lanes, true, V,
+                                grad_z.data() + r * g.out_w * lanes + i0, lanes, m_step, tp + c, g.k, g.order1);
+                  for (int64_t i = 0; i < cig; ++i) {
+                    scalar_t* dst = gx + first_plane(img) + (i * g.height + h) * g.width;
+                    const scalar_t* src = grad_xt.data() + (r * g.padded_w + g.pad_w) * lanes + i;
+                    for (int64_t w = 0; w < g.width; ++w) dst[w] += src[w * lanes];
+                  }
                 }
               }
             }
