@@ -38,7 +38,8 @@ struct Geometry {
   int64_t order1, n_basis, k, stride_h, stride_w, pad_h, pad_w;
   int64_t out_h, out_w, padded_w, tile_rows, n_tiles, max_footprint;
   // Small images are tiled whole, several to a tile (their GEMMs would be
-  // short otherwise): tile i covers images [i·images_per_tile, ...).
+  // short otherwise): the batch in image_groups consecutive groups of at most
+  // images_per_tile images, sizes differing by at most one.
   int64_t images_per_tile, image_groups;
   std::vector<int64_t> row_tap, col_tap;  // (l, m) of each basis function
 
@@ -99,15 +100,15 @@ Geometry make_geometry(const at::Tensor& input, const at::Tensor& taps, const at
   g.n_tiles = ceil_div(g.out_h, g.tile_rows);
   g.max_footprint = g.footprint(g.tile_rows);
   // As many whole images to a tile as its pixels allow, in a number of tiles
-  // that the threads share evenly (8 images of 7x7 on 2 threads: 2 tiles of 4).
-  g.images_per_tile = 1;
+  // that the threads share evenly (8 images of 7x7 on 2 threads: 2 tiles of 4;
+  // 50 of them: 4 tiles of 12 or 13).
+  g.image_groups = g.batch;
   if (whole_images && g.n_tiles == 1 && g.batch > 1) {
     const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
     const int64_t most = std::max<int64_t>(tile_pixels / (g.out_h * g.out_w), 1);
-    const int64_t tiles = ceil_div(ceil_div(g.batch, most), threads) * threads;
-    g.images_per_tile = ceil_div(g.batch, std::min(tiles, g.batch));
+    g.image_groups = std::min(ceil_div(ceil_div(g.batch, most), threads) * threads, g.batch);
   }
-  g.image_groups = ceil_div(g.batch, g.images_per_tile);
+  g.images_per_tile = ceil_div(g.batch, std::max<int64_t>(g.image_groups, 1));
   return g;
 }
 
@@ -121,8 +122,8 @@ struct Tile {
 // Tile t of group `group` of images.
 Tile make_tile(const Geometry& g, int64_t group, int64_t t) {
   Tile tile;
-  tile.b = group * g.images_per_tile;
-  tile.images = std::min(g.images_per_tile, g.batch - tile.b);
+  tile.b = group * g.batch / g.image_groups;
+  tile.images = (group + 1) * g.batch / g.image_groups - tile.b;
   tile.first_out_row = t * g.tile_rows;
   tile.rows = std::min(g.tile_rows, g.out_h - tile.first_out_row);
   tile.pixels = tile.rows * g.out_w;
