@@ -102,6 +102,8 @@ Geometry make_geometry(const at::Tensor& input, const at::Tensor& taps, const at
   // As many whole images to a tile as its pixels allow, in a number of tiles
   // that the threads share evenly (8 images of 7x7 on 2 threads: 2 tiles of 4;
   // 50 of them: 4 tiles of 12 or 13).
+  // Only the forward (whole_images): the backward would have to keep every
+  // image's xt and z until after its GEMMs, which spilled L2 and ran slower.
   g.image_groups = g.batch;
   if (whole_images && g.n_tiles == 1 && g.batch > 1) {
     const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
@@ -119,7 +121,7 @@ struct Tile {
   int64_t b, images, first_out_row, rows, pixels, footprint, first_padded_row;
 };
 
-// Tile t of group `group` of images.
+// Tile t of group `group` of images (there are no groups, and no tiles, at batch 0).
 Tile make_tile(const Geometry& g, int64_t group, int64_t t) {
   Tile tile;
   tile.b = group * g.batch / g.image_groups;
@@ -132,8 +134,16 @@ Tile make_tile(const Geometry& g, int64_t group, int64_t t) {
   return tile;
 }
 
-// The tile's window of an output-shaped tensor, group grp, as the
-// [C_out_g, images·pixels] matrix of its GEMMs: copy(tensor offset, matrix
+// The backward's [C_out_g, pixels] window of an output-shaped tensor (one image, group grp).
+at::Tensor output_window(const at::Tensor& out, const Geometry& g, const Tile& tile, int64_t grp) {
+  return out.select(0, tile.b)
+      .narrow(0, grp * g.c_out_g, g.c_out_g)
+      .narrow(1, tile.first_out_row, tile.rows)
+      .view({g.c_out_g, tile.pixels});
+}
+
+// The forward tile's window of an output-shaped tensor, group grp, as the
+// [C_out_g, images·pixels] matrix of its GEMM: copy(tensor offset, matrix
 // offset) for each run of `pixels` values (one channel of one image).
 template <typename Copy>
 void for_window_runs(const Geometry& g, const Tile& tile, int64_t grp, Copy copy) {
@@ -430,104 +440,89 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> srf_conv2d_backward_cpu(
     scalar_t* gx = need_input ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
     const Buffers<scalar_t> size(g);
     const int64_t lanes = size.lanes, cig = g.c_in_g, nb = g.n_basis;
-    const scalar_t* gy_data = gy.const_data_ptr<scalar_t>();
 
     for (int64_t parity = 0; parity < 2; ++parity) {
       const int64_t per_image = (g.n_tiles - parity + 1) / 2;
-      at::parallel_for(0, g.image_groups * per_image, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, g.batch * per_image, 1, [&](int64_t begin, int64_t end) {
         const int64_t tid = at::get_thread_num();
         TORCH_CHECK(tid < n_threads, "srf_conv2d_backward: thread id ", tid, " >= ", n_threads);
-        // xt and z of every image of a tile (the taps gradient reads them after the GEMMs), grad_z
-        // and grad_xt of one.
-        const int64_t images = g.images_per_tile;
-        TileBuffer<scalar_t> xt(read_input ? images * size.xt : 0), z(read_input ? images * size.z : 0);
+        TileBuffer<scalar_t> xt(read_input ? size.xt : 0), z(read_input ? size.z : 0);
         TileBuffer<scalar_t> resp(need_alpha ? size.resp : 0, scalar_t(0)), grad_resp(size.resp, scalar_t(0));
-        TileBuffer<scalar_t> grad_z(size.z), grad_xt(need_input ? size.xt : 0), gy_window(size.window);
+        TileBuffer<scalar_t> grad_z(size.z), grad_xt(need_input ? size.xt : 0);
         // Lane-wise partial sums of the tap gradient, reduced over channels at the end.
         TileBuffer<scalar_t> tap_acc(need_taps ? g.order1 * g.k * lanes : 0, scalar_t(0));
         for (int64_t item = begin; item < end; ++item) {
           const Tile tile = make_tile(g, item / per_image, parity + 2 * (item % per_image));
-          const int64_t columns = tile.images * tile.pixels;
           for (int64_t grp = 0; grp < g.groups; ++grp) {
-            for_window_runs(g, tile, grp, [&](int64_t at, int64_t to) {
-              std::copy(gy_data + at, gy_data + at + tile.pixels, gy_window.data() + to);
-            });
-            const at::Tensor gy_tile = at::from_blob(gy_window.data(), {g.c_out_g, columns}, options);
+            const at::Tensor gy_tile = output_window(gy, g, tile, grp);
             const at::Tensor a = alpha2d.narrow(1, grp * g.c_out_g, g.c_out_g);
-            const auto first_plane = [&](int64_t img) { return ((tile.b + img) * g.c_in + grp * cig) * g.height * g.width; };
-            if (read_input)
-              for (int64_t img = 0; img < tile.images; ++img) {
-                load_tile(x + first_plane(img), g, tile, lanes, xt.data() + img * size.xt);
-                pass_along_w(xt.data() + img * size.xt, tp, g, tile, lanes, z.data() + img * size.z);
-              }
+            const int64_t first_plane = (tile.b * g.c_in + grp * cig) * g.height * g.width;
+            if (read_input) {
+              load_tile(x + first_plane, g, tile, lanes, xt.data());
+              pass_along_w(xt.data(), tp, g, tile, lanes, z.data());
+            }
             if (need_alpha) {
-              for (int64_t img = 0; img < tile.images; ++img)
-                pass_along_h(z.data() + img * size.z, tp, g, tile, lanes, resp.data() + img * tile.pixels * nb * cig);
-              const at::Tensor responses = at::from_blob(resp.data(), {columns, nb * cig}, options);
+              pass_along_h(z.data(), tp, g, tile, lanes, resp.data());
+              const at::Tensor responses = at::from_blob(resp.data(), {tile.pixels, nb * cig}, options);
               alpha_parts.select(0, tid).narrow(1, grp * g.c_out_g, g.c_out_g).addmm_(responses.t(), gy_tile.t());
             }
             if (!(need_input || need_taps)) continue;
-            at::Tensor grad_responses = at::from_blob(grad_resp.data(), {columns, nb * cig}, options);
+            at::Tensor grad_responses = at::from_blob(grad_resp.data(), {tile.pixels, nb * cig}, options);
             at::mm_out(grad_responses, gy_tile.t(), a.t());
 
-            for (int64_t img = 0; img < tile.images; ++img) {
-              const scalar_t* gr = grad_resp.data() + img * tile.pixels * nb * cig;
-              const scalar_t* zi = read_input ? z.data() + img * size.z : nullptr;
-              const scalar_t* xi = read_input ? xt.data() + img * size.xt : nullptr;
-              // Transposed H pass, as a gather: grad_z[m][r][wo] = Σ_(f: m_f = m) Σ_ho b_l[r - ho·sH] ·
-              // grad_resp[ho·Wo + wo][f] over the ho with 0 <= r - ho·sH < K.
-              for (int64_t m = 0; m < g.order1; ++m)
-                for (int64_t r = 0; r < tile.footprint; ++r) {
-                  const int64_t ho_lo = std::max<int64_t>(0, ceil_div(std::max<int64_t>(r - g.k + 1, 0), g.stride_h));
-                  const int64_t ho_hi = std::min(tile.rows - 1, r / g.stride_h);
-                  for (int64_t i0 = 0; i0 < lanes; i0 += V) {
-                    scalar_t* dst = grad_z.data() + (m * tile.footprint + r) * g.out_w * lanes + i0;
-                    for (int64_t wo = 0; wo < g.out_w; ++wo)
-                      std::fill(dst + wo * lanes, dst + wo * lanes + V, scalar_t(0));
-                    if (ho_hi < ho_lo) continue;
-                    for (int64_t f = 0; f < nb; ++f) {
-                      if (g.col_tap[f] != m) continue;
-                      lane_sums(g.out_w, dst, lanes, true, V, gr + (ho_lo * g.out_w * nb + f) * cig + i0, nb * cig,
-                                g.out_w * nb * cig, tp + g.row_tap[f] * g.k + (r - ho_lo * g.stride_h), -g.stride_h,
-                                ho_hi - ho_lo + 1);
-                    }
+            // Transposed H pass, as a gather: grad_z[m][r][wo] = Σ_(f: m_f = m) Σ_ho b_l[r - ho·sH] ·
+            // grad_resp[ho·Wo + wo][f] over the ho with 0 <= r - ho·sH < K.
+            for (int64_t m = 0; m < g.order1; ++m)
+              for (int64_t r = 0; r < tile.footprint; ++r) {
+                const int64_t ho_lo = std::max<int64_t>(0, ceil_div(std::max<int64_t>(r - g.k + 1, 0), g.stride_h));
+                const int64_t ho_hi = std::min(tile.rows - 1, r / g.stride_h);
+                for (int64_t i0 = 0; i0 < lanes; i0 += V) {
+                  scalar_t* dst = grad_z.data() + (m * tile.footprint + r) * g.out_w * lanes + i0;
+                  for (int64_t wo = 0; wo < g.out_w; ++wo) std::fill(dst + wo * lanes, dst + wo * lanes + V, scalar_t(0));
+                  if (ho_hi < ho_lo) continue;
+                  for (int64_t f = 0; f < nb; ++f) {
+                    if (g.col_tap[f] != m) continue;
+                    lane_sums(g.out_w, dst, lanes, true, V, grad_resp.data() + (ho_lo * g.out_w * nb + f) * cig + i0,
+                              nb * cig, g.out_w * nb * cig, tp + g.row_tap[f] * g.k + (r - ho_lo * g.stride_h),
+                              -g.stride_h, ho_hi - ho_lo + 1);
                   }
                 }
-              if (need_taps) {
-                // b_l in its row role: Σ_pixels grad_resp[.][f] · z[m][ho·sH + a][wo], a < K.
-                for (int64_t f = 0; f < nb; ++f)
-                  for (int64_t i0 = 0; i0 < lanes; i0 += V)
-                    lane_correlates(g.k, tap_acc.data() + g.row_tap[f] * g.k * lanes + i0, lanes, gr + f * cig + i0,
-                                    zi + g.col_tap[f] * tile.footprint * g.out_w * lanes + i0, g.out_w * lanes,
-                                    tile.rows, g.out_w * nb * cig, g.stride_h * g.out_w * lanes, g.out_w, nb * cig,
-                                    lanes);
-                // b_m in its column role: Σ grad_z[m][r][wo] · xt[r][wo·sW + c], c < K.
-                for (int64_t m = 0; m < g.order1; ++m)
-                  for (int64_t i0 = 0; i0 < lanes; i0 += V)
-                    lane_correlates(g.k, tap_acc.data() + m * g.k * lanes + i0, lanes,
-                                    grad_z.data() + m * tile.footprint * g.out_w * lanes + i0, xi + i0, lanes,
-                                    tile.footprint, g.out_w * lanes, g.padded_w * lanes, g.out_w, lanes,
-                                    g.stride_w * lanes);
               }
-              if (need_input) {
-                // Transposed W pass, scattered: grad_xt[r][wo·sW + c] += Σ_m b_m[c] · grad_z[m][r][wo],
-                // the sum over m formed in registers; for each c a run of outputs wo at once
-                // (distinct addresses, independent chains).
-                for (int64_t r = 0; r < tile.footprint; ++r) {
-                  const int64_t h = tile.first_padded_row + r - g.pad_h;
-                  if (h < 0 || h >= g.height) continue;
-                  scalar_t* grad_row = grad_xt.data() + r * g.padded_w * lanes;
-                  std::fill(grad_row, grad_row + g.padded_w * lanes, scalar_t(0));
-                  const int64_t m_step = tile.footprint * g.out_w * lanes;
-                  for (int64_t i0 = 0; i0 < lanes; i0 += V)
-                    for (int64_t c = 0; c < g.k; ++c)
-                      lane_sums(g.out_w, grad_row + c * lanes + i0, g.stride_w * lanes, true, V,
-                                grad_z.data() + r * g.out_w * lanes + i0, lanes, m_step, tp + c, g.k, g.order1);
-                  for (int64_t i = 0; i < cig; ++i) {
-                    scalar_t* dst = gx + first_plane(img) + (i * g.height + h) * g.width;
-                    const scalar_t* src = grad_xt.data() + (r * g.padded_w + g.pad_w) * lanes + i;
-                    for (int64_t w = 0; w < g.width; ++w) dst[w] += src[w * lanes];
-                  }
+            if (need_taps) {
+              // b_l in its row role: Σ_pixels grad_resp[.][f] · z[m][ho·sH + a][wo], a < K.
+              for (int64_t f = 0; f < nb; ++f)
+                for (int64_t i0 = 0; i0 < lanes; i0 += V)
+                  lane_correlates(g.k, tap_acc.data() + g.row_tap[f] * g.k * lanes + i0, lanes,
+                                  grad_resp.data() + f * cig + i0,
+                                  z.data() + g.col_tap[f] * tile.footprint * g.out_w * lanes + i0, g.out_w * lanes,
+                                  tile.rows, g.out_w * nb * cig, g.stride_h * g.out_w * lanes, g.out_w, nb * cig,
+                                  lanes);
+              // b_m in its column role: Σ grad_z[m][r][wo] · xt[r][wo·sW + c], c < K.
+              for (int64_t m = 0; m < g.order1; ++m)
+                for (int64_t i0 = 0; i0 < lanes; i0 += V)
+                  lane_correlates(g.k, tap_acc.data() + m * g.k * lanes + i0, lanes,
+                                  grad_z.data() + m * tile.footprint * g.out_w * lanes + i0, xt.data() + i0, lanes,
+                                  tile.footprint, g.out_w * lanes, g.padded_w * lanes, g.out_w, lanes,
+                                  g.stride_w * lanes);
+            }
+            if (need_input) {
+              // Transposed W pass, scattered: grad_xt[r][wo·sW + c] += Σ_m b_m[c] · grad_z[m][r][wo],
+              // the sum over m formed in registers; for each c a run of outputs wo at once
+              // (distinct addresses, independent chains).
+              for (int64_t r = 0; r < tile.footprint; ++r) {
+                const int64_t h = tile.first_padded_row + r - g.pad_h;
+                if (h < 0 || h >= g.height) continue;
+                scalar_t* grad_row = grad_xt.data() + r * g.padded_w * lanes;
+                std::fill(grad_row, grad_row + g.padded_w * lanes, scalar_t(0));
+                const int64_t m_step = tile.footprint * g.out_w * lanes;
+                for (int64_t i0 = 0; i0 < lanes; i0 += V)
+                  for (int64_t c = 0; c < g.k; ++c)
+                    lane_sums(g.out_w, grad_row + c * lanes + i0, g.stride_w * lanes, true, V,
+                              grad_z.data() + r * g.out_w * lanes + i0, lanes, m_step, tp + c, g.k, g.order1);
+                for (int64_t i = 0; i < cig; ++i) {
+                  scalar_t* dst = gx + first_plane + (i * g.height + h) * g.width;
+                  const scalar_t* src = grad_xt.data() + (r * g.padded_w + g.pad_w) * lanes + i;
+                  for (int64_t w = 0; w < g.width; ++w) dst[w] += src[w * lanes];
                 }
               }
             }
