@@ -42,11 +42,13 @@ def dense_filter(taps: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return dense_filters(taps, alpha, taps.shape[2] - 1)
 
 
-def _forward(input, taps, alpha, bias, stride, padding, groups):
+def _forward(input, taps, alpha, bias, shift, stride, padding, groups):
     input = input.contiguous()
     if _compiled(input.device):
-        return torch.ops.dcn_fast.srf_dense_conv2d(input, taps, alpha, bias, stride, padding, groups)
-    return F.conv2d(input, dense_filter(taps, alpha), bias, stride=stride, padding=padding, groups=groups)
+        out = torch.ops.dcn_fast.srf_dense_conv2d(input, taps, alpha, bias, stride, padding, groups)
+    else:
+        out = F.conv2d(input, dense_filter(taps, alpha), bias, stride=stride, padding=padding, groups=groups)
+    return ops.add_shift(out, shift)
 
 
 def _backward(grad_output, input, taps, alpha, stride, padding, groups, mask):

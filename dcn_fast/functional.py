@@ -13,7 +13,7 @@ import torch
 
 from . import dense, ops, separable  # noqa: F401  (dense and separable register their algorithms)
 from .basis import MAX_RADIUS, MIN_SCALE, num_basis, srf_taps
-from .geometry import resolve_padding
+from .geometry import output_size, resolve_padding
 from .reference import srf_conv2d_reference
 
 __all__ = ["srf_conv2d", "srf_taps_for", "BACKENDS", "MIN_SCALE", "check_options", "resolve_backend", "truncation_radius"]
@@ -190,6 +190,19 @@ def _validate(input, scale, alpha, order, truncate, stride, padding, groups, bia
     return _Spec(sharing, radius, stride, pad)
 
 
+def _check_shift(shift, input: torch.Tensor, c_out: int, spec: _Spec) -> None:
+    """``shift`` must be a floating tensor ``[C_out, Ho, Wo]`` on the input's device."""
+    k = 2 * spec.radius + 1
+    shape = (c_out, *(output_size(n, k, s, p) for n, s, p in zip(input.shape[-2:], spec.stride, spec.padding)))
+    if not isinstance(shift, torch.Tensor) or tuple(shift.shape) != shape:
+        raise ValueError(f"shift must be None or a tensor of shape [C_out, Ho, Wo] = {list(shape)}, "
+                         f"got {getattr(shift, 'shape', shift)!r}")
+    if not shift.is_floating_point():
+        raise TypeError(f"shift must be a floating-point tensor, got dtype {shift.dtype}")
+    if shift.device != input.device:
+        raise ValueError(f"shift is on {shift.device} but input is on {input.device}")
+
+
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """Whether the Triton kernels import (Triton installed and working); importing registers the algorithm."""
@@ -300,6 +313,7 @@ def srf_conv2d(
     kernel_size: int | None = None,
     backend: str = "auto",
     taps: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Structured-receptive-field convolution (Gaussian-derivative N-jet basis).
 
@@ -329,6 +343,9 @@ def srf_conv2d(
         taps: optional taps from :func:`srf_taps_for` for this ``scale`` (and
             the same order, truncate, kernel_size), to reuse them across calls
             (the ``reference`` backend rebuilds its filter regardless, at their radius).
+        shift: optional ``[C_out, Ho, Wo]`` added to every image's output after
+            the bias (an ODE block's time map ``t·conv_t(1)``); the ``cpu``
+            backend adds it, and the bias, as it writes the output (no pass of their own).
 
     Returns:
         ``[B, C_out, Ho, Wo]`` with ``Ho = (H + 2 pH - K) // sH + 1``.
@@ -340,6 +357,8 @@ def srf_conv2d(
         torch.Size([2, 8, 16, 16])
     """
     spec = _validate(input, scale, alpha, order, truncate, stride, padding, groups, bias, kernel_size, taps)
+    if shift is not None:
+        _check_shift(shift, input, alpha.shape[2], spec)
     dtype = torch.promote_types(input.dtype, alpha.dtype)
     name = resolve_backend(backend, input, dtype, alpha, groups, spec.sharing, 2 * spec.radius + 1)
     if name == "reference":
@@ -347,10 +366,11 @@ def srf_conv2d(
         # smaller than spec's when taps were laid out at a bound (σ(t) layers).
         same_or_pad = "same" if padding == "same" else spec.padding
         # Given taps fix the radius: no host read of σ (torch.compile traces it as one graph).
-        return srf_conv2d_reference(
+        out = srf_conv2d_reference(
             input, scale, alpha, order, truncate, spec.stride, same_or_pad, groups, bias, kernel_size,
             None if taps is None else spec.radius,
         )
+        return out if shift is None else out + shift.to(out.dtype)
     input, alpha = input.to(dtype), alpha.to(dtype)
     if taps is None:
         taps = srf_taps(scale.to(dtype), order, spec.radius, truncate if kernel_size is None else None)
@@ -365,7 +385,6 @@ def srf_conv2d(
     autocast = torch.is_autocast_enabled(device)
     if autocast and name == "triton" and input.dtype == torch.float32:
         input = input.to(torch.get_autocast_dtype(device))
-    if bias is not None:
-        bias = bias.to(dtype)
+    bias, shift = (None if t is None else t.to(dtype) for t in (bias, shift))
     with torch.autocast(device, enabled=False) if autocast else nullcontext():
-        return ops.srf_conv2d(input, taps, alpha, bias, spec.stride, spec.padding, groups, name)
+        return ops.srf_conv2d(input, taps, alpha, bias, shift, spec.stride, spec.padding, groups, name)

@@ -210,6 +210,7 @@ class SRFConv2d(nn.Module):
         scale: torch.Tensor | None = None,
         alpha: torch.Tensor | None = None,
         in_channels: slice = slice(None),
+        shift: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """This layer's convolution (order, truncation, stride, padding, kernel size, bias,
         backend) with given taps and, optionally, other weights or part of the input channels.
@@ -224,6 +225,8 @@ class SRFConv2d(nn.Module):
             scale: log2 σ shaped like the layer's ``scale``; default the layer's.
             alpha: ``[F, C_in, C_out]``; default the layer's.
             in_channels: the layer's input channels ``input`` holds (groups = 1 only).
+            shift: optional ``[C_out, Ho, Wo]`` added to every image's output (an
+                ODE block's time map; see :func:`~dcn_fast.functional.srf_conv2d`).
 
         Returns:
             ``[B, C_out, Ho, Wo]``.
@@ -244,6 +247,7 @@ class SRFConv2d(nn.Module):
             kernel_size=self.fixed_kernel_size,
             backend=self.backend,
             taps=taps,
+            shift=shift,
         )
 
     def filters(

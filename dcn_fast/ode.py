@@ -153,16 +153,18 @@ class TimeConv(nn.Module):
                 cache["built"] = self._weights(t)
                 cache["weights"] = tuple(map(self._shared, cache["built"]))
             weights = cache["weights"]
-        if self.kind == "conv":
-            out = F.conv2d(x, self.layer.weight[:, 1:], self.layer.bias, padding=self.layer.padding)
-        else:
-            scale, alpha, taps = weights
-            out = self.layer.convolve(x, taps, scale=scale, alpha=alpha, in_channels=slice(1, None))
         key = tuple(x.shape[-2:])
         m = cache.get(key)
         if m is None:
             m = cache[key] = self._shared(self._time_map(key, cache.get("built"), x))
-        return out + t.to(out.dtype) * m
+        if self.kind == "conv":
+            out = F.conv2d(x, self.layer.weight[:, 1:], self.layer.bias, padding=self.layer.padding)
+            return out + t.to(out.dtype) * m
+        # The SRF kernels add t·M as they write the output; its gradient is summed over
+        # the batch before it meets t (not a batch-sized product per evaluation).
+        scale, alpha, taps = weights
+        return self.layer.convolve(x, taps, scale=scale, alpha=alpha, in_channels=slice(1, None),
+                                   shift=t.to(m.dtype) * m[0])
 
     def _time_map(self, size: tuple[int, int], weights, like: torch.Tensor) -> torch.Tensor:
         """M = conv_t(1) ``[1, C_out, H, W]`` without a convolution.

@@ -1,6 +1,6 @@
 """The ``dcn_fast`` ops: schemas, fake kernels, autograd; every algorithm beneath one op.
 
-``dcn_fast::srf_conv2d(input, taps, alpha, bias, stride, padding, groups, algorithm)``
+``dcn_fast::srf_conv2d(input, taps, alpha, bias, shift, stride, padding, groups, algorithm)``
 is the one op every backend of :func:`dcn_fast.srf_conv2d` runs through: one
 fake kernel (``torch.compile``, meta tensors), one autograd formula and one
 backward op, ``srf_conv2d_backward``, whose own backward raises (double
@@ -53,8 +53,8 @@ __all__ = [
 _LIB = torch.library.Library("dcn_fast", "FRAGMENT")
 
 _LIB.define(
-    "srf_conv2d(Tensor input, Tensor taps, Tensor alpha, Tensor? bias, int[2] stride, int[2] padding, int groups, "
-    "str algorithm) -> Tensor"
+    "srf_conv2d(Tensor input, Tensor taps, Tensor alpha, Tensor? bias, Tensor? shift, int[2] stride, int[2] padding, "
+    "int groups, str algorithm) -> Tensor"
 )
 # Gradients of (input, taps, alpha); an entry whose mask is false is None.
 _LIB.define(
@@ -62,7 +62,10 @@ _LIB.define(
     "int groups, str algorithm, bool[3] output_mask) -> (Tensor, Tensor, Tensor)"
 )
 # Compiled building blocks (csrc/): the tiled CPU kernel takes taps [N+1, K].
-_LIB.define("srf_tiled_conv2d(Tensor input, Tensor taps, Tensor alpha, int[2] stride, int[2] padding, int groups) -> Tensor")
+_LIB.define(
+    "srf_tiled_conv2d(Tensor input, Tensor taps, Tensor alpha, Tensor? bias, Tensor? shift, int[2] stride, "
+    "int[2] padding, int groups) -> Tensor"
+)
 _LIB.define(
     "srf_tiled_conv2d_backward(Tensor grad_output, Tensor input, Tensor taps, Tensor alpha, int[2] stride, "
     "int[2] padding, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)"
@@ -88,7 +91,7 @@ _LIB.define(
 class Algorithm:
     """One implementation of ``dcn_fast::srf_conv2d``.
 
-    ``forward(input, taps, alpha, bias, stride, padding, groups) -> out`` and
+    ``forward(input, taps, alpha, bias, shift, stride, padding, groups) -> out`` and
     ``backward(grad_out, input, taps, alpha, stride, padding, groups, mask) ->
     (grad_input, grad_taps, grad_alpha)`` (None where ``mask`` is false) take
     ``taps [T_o, T_i, N+1, K]``, stride and padding as tuples, and return
@@ -102,6 +105,12 @@ class Algorithm:
 
 
 _ALGORITHMS: dict[str, Algorithm] = {}
+
+
+def add_shift(out: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """``out + shift`` (``[B, C_out, Ho, Wo]`` + ``[C_out, Ho, Wo]``), in place in a fresh output: the
+    algorithms that do not fold the shift into their own output pass."""
+    return out if shift is None else out.add_(shift)
 
 
 def register_algorithm(name: str, algorithm: Algorithm) -> None:
@@ -137,18 +146,33 @@ def _check_shapes(input, taps, alpha, groups) -> None:
     )
 
 
-def _fake_output(input, taps, alpha, stride, padding, groups):
-    """The output of a call with ``taps [T_o, T_i, N+1, K]``, as an empty tensor (fake kernels)."""
-    _check_shapes(input, taps, alpha, groups)
+def _output_shape(input, taps, alpha, stride, padding) -> tuple:
+    """``(B, C_out, Ho, Wo)`` of a call with ``taps [T_o, T_i, N+1, K]``."""
     k = taps.shape[3]
     ho = output_size(input.shape[2], k, stride[0], padding[0])
     wo = output_size(input.shape[3], k, stride[1], padding[1])
-    return input.new_empty((input.shape[0], alpha.shape[2], ho, wo))
+    return input.shape[0], alpha.shape[2], ho, wo
+
+
+def _check_addends(shape, bias, shift) -> None:
+    """bias ``[C_out]`` and shift ``[C_out, Ho, Wo]`` (the output's shape without the batch), each optional."""
+    torch._check(bias is None or tuple(bias.shape) == (shape[1],),
+                 lambda: f"srf_conv2d: bias must be [C_out] = [{shape[1]}], got {tuple(bias.shape)}")
+    torch._check(shift is None or tuple(shift.shape) == tuple(shape[1:]),
+                 lambda: f"srf_conv2d: shift must be [C_out, Ho, Wo] = {list(shape[1:])}, got {tuple(shift.shape)}")
+
+
+def _fake_output(input, taps, alpha, stride, padding, groups, bias=None, shift=None):
+    """The output of a call with ``taps [T_o, T_i, N+1, K]``, as an empty tensor (fake kernels)."""
+    _check_shapes(input, taps, alpha, groups)
+    shape = _output_shape(input, taps, alpha, stride, padding)
+    _check_addends(shape, bias, shift)
+    return input.new_empty(shape)
 
 
 @torch.library.register_fake("dcn_fast::srf_conv2d", lib=_LIB)
-def _(input, taps, alpha, bias, stride, padding, groups, algorithm):
-    return _fake_output(input, taps, alpha, stride, padding, groups)
+def _(input, taps, alpha, bias, shift, stride, padding, groups, algorithm):
+    return _fake_output(input, taps, alpha, stride, padding, groups, bias, shift)
 
 
 def _fake_grads(tensors, output_mask):
@@ -160,11 +184,12 @@ def _(grad_output, input, taps, alpha, stride, padding, groups, algorithm, outpu
     return _fake_grads((input, taps, alpha), output_mask)
 
 
-def _srf_conv2d_kernel(input, taps, alpha, bias, stride, padding, groups, algorithm):
+def _srf_conv2d_kernel(input, taps, alpha, bias, shift, stride, padding, groups, algorithm):
     _check_shapes(input, taps, alpha, groups)
+    _check_addends(_output_shape(input, taps, alpha, stride, padding), bias, shift)
     shared = taps.shape[0] == taps.shape[1] == 1
     run = algorithm_for(algorithm, input.device, shared).forward
-    return run(input, taps, alpha, bias, tuple(stride), tuple(padding), groups)
+    return run(input, taps, alpha, bias, shift, tuple(stride), tuple(padding), groups)
 
 
 def _srf_conv2d_backward_kernel(grad_output, input, taps, alpha, stride, padding, groups, algorithm, output_mask):
@@ -179,13 +204,14 @@ for _device in ("cpu", "cuda"):
 
 
 def _setup_context(ctx, inputs, output):
-    input, taps, alpha, bias, stride, padding, groups, algorithm = inputs
+    input, taps, alpha, bias, shift, stride, padding, groups, algorithm = inputs
     need_input, need_taps, need_alpha = ctx.needs_input_grad[:3]
     # The input itself is only needed for the taps and alpha gradients.
     ctx.save_for_backward(input if (need_taps or need_alpha) else None, taps, alpha)
     ctx.input_meta = input.new_empty((1, 1, 1, 1)).expand(input.shape)
     ctx.arguments = (stride, padding, groups, algorithm)
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.shift_dtype = None if shift is None else shift.dtype
 
 
 def _backward(ctx, grad_output):
@@ -198,7 +224,8 @@ def _backward(ctx, grad_output):
         grad_output.contiguous(), input, taps, alpha, stride, padding, groups, algorithm, mask
     )
     grad_bias = grad_output.sum((0, 2, 3)).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
-    return (*grads, grad_bias, None, None, None, None)
+    grad_shift = grad_output.sum(0).to(ctx.shift_dtype) if ctx.needs_input_grad[4] else None
+    return (*grads, grad_bias, grad_shift, None, None, None, None)
 
 
 torch.library.register_autograd("dcn_fast::srf_conv2d", _backward, setup_context=_setup_context, lib=_LIB)
@@ -216,8 +243,8 @@ torch.library.register_autograd(
 
 
 @torch.library.register_fake("dcn_fast::srf_tiled_conv2d", lib=_LIB)
-def _(input, taps, alpha, stride, padding, groups):
-    return _fake_output(input, taps[None, None], alpha, stride, padding, groups)
+def _(input, taps, alpha, bias, shift, stride, padding, groups):
+    return _fake_output(input, taps[None, None], alpha, stride, padding, groups, bias, shift)
 
 
 @torch.library.register_fake("dcn_fast::srf_tiled_conv2d_backward", lib=_LIB)
@@ -320,10 +347,9 @@ def require_kernels(target: str) -> None:
         raise RuntimeError(f"dcn_fast: the {target} kernels are not built: {kernel_error(target)}")
 
 
-def _tiled_forward(input, taps, alpha, bias, stride, padding, groups):
+def _tiled_forward(input, taps, alpha, bias, shift, stride, padding, groups):
     require_kernels("cpu")
-    out = torch.ops.dcn_fast.srf_tiled_conv2d(input, taps[0, 0], alpha, stride, padding, groups)
-    return out if bias is None else out + bias.to(out.dtype).reshape(1, -1, 1, 1)
+    return torch.ops.dcn_fast.srf_tiled_conv2d(input, taps[0, 0], alpha, bias, shift, stride, padding, groups)
 
 
 def _tiled_backward(grad_output, input, taps, alpha, stride, padding, groups, mask):
@@ -341,6 +367,7 @@ def srf_conv2d(
     taps: torch.Tensor,
     alpha: torch.Tensor,
     bias: torch.Tensor | None,
+    shift: torch.Tensor | None,
     stride: tuple[int, int],
     padding: tuple[int, int],
     groups: int,
@@ -352,12 +379,16 @@ def srf_conv2d(
         input: ``[B, C_in, H, W]``.
         taps: ``[T_o, T_i, N+1, K]`` (see the module docstring), input's dtype.
         alpha: ``[F, C_in/groups, C_out]``, input's dtype.
-        bias: None or ``[C_out]``.
+        bias: None or ``[C_out]``, input's dtype.
+        shift: None or ``[C_out, Ho, Wo]``, input's dtype, added to every image's output
+            (an ODE block's time map ``t·M``); the ``cpu`` algorithm adds it, and the
+            bias, as it writes the output.
         algorithm: a registered algorithm (``cpu``, ``dense``, ``separable``, ``triton``).
     Returns:
         ``[B, C_out, Ho, Wo]``, contiguous.
     """
-    return torch.ops.dcn_fast.srf_conv2d(input, taps, alpha, bias, list(stride), list(padding), groups, algorithm)
+    return torch.ops.dcn_fast.srf_conv2d(input, taps, alpha, bias, shift, list(stride), list(padding), groups,
+                                         algorithm)
 
 
 # --- the Runge–Kutta step's arithmetic (dcn_fast/solver.py) -----------------

@@ -66,11 +66,11 @@ def _pass_shapes(shape, order1, n_basis, k, stride, padding):
     return meta(batch, channels, wp, hp), meta(batch, channels * order1, ho, wp), meta(batch, channels * n_basis, ho, wo)
 
 
-def _forward(input, taps, alpha, bias, stride, padding, groups):
+def _forward(input, taps, alpha, bias, shift, stride, padding, groups):
     taps = taps[0, 0]
     weights = _Weights(taps, alpha, taps.shape[0] - 1, input.shape[1], groups)
     _, _, responses = _passes(input, weights, stride, padding)
-    return F.conv2d(responses, weights.mix, bias, groups=groups)
+    return ops.add_shift(F.conv2d(responses, weights.mix, bias, groups=groups), shift)
 
 
 def _backward(grad_out, input, taps, alpha, stride, padding, groups, mask):

@@ -471,11 +471,11 @@ def backward(grad_out, input, taps, alpha, order, stride, padding, needs):
     return grad_input, grad_taps, grad_alpha
 
 
-def _op_forward(input, taps, alpha, bias, stride, padding, groups):
+def _op_forward(input, taps, alpha, bias, shift, stride, padding, groups):
     reason = supports(input.shape, input.dtype, alpha.shape, groups)
     if reason is not None:
         raise ValueError(f"the triton backend does not take this call: {reason}")
-    return forward(input, taps[0, 0], alpha, bias, taps.shape[2] - 1, stride, padding)
+    return ops.add_shift(forward(input, taps[0, 0], alpha, bias, taps.shape[2] - 1, stride, padding), shift)
 
 
 def _op_backward(grad_out, input, taps, alpha, stride, padding, groups, mask):

@@ -12,7 +12,7 @@ from dcn_fast.basis import num_basis
 
 @dataclass
 class Sample:
-    """One call: ``srf_conv2d(input, scale, alpha, bias=bias, **kwargs)``; ``sharing`` is how σ is shared."""
+    """One call: ``srf_conv2d(input, scale, alpha, bias=bias, shift=shift, **kwargs)``; ``sharing`` is how σ is shared."""
 
     name: str
     input: torch.Tensor
@@ -21,10 +21,17 @@ class Sample:
     bias: torch.Tensor | None
     kwargs: dict = field(default_factory=dict)
     sharing: str = "layer"
+    shift: torch.Tensor | None = None
 
     @property
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.input, self.scale, self.alpha, self.bias) if t is not None]
+        """input, scale, alpha, then the bias and the shift where given."""
+        return [t for t in (self.input, self.scale, self.alpha, self.bias, self.shift) if t is not None]
+
+    def optional(self, tensors) -> dict:
+        """``bias=`` / ``shift=`` keywords from the tensors past the first three (as :attr:`tensors` lists them)."""
+        names = [n for n in ("bias", "shift") if getattr(self, n) is not None]
+        return dict(zip(names, tensors[3:]))
 
 
 # name, (batch, c_in, c_out, height, width), order, scale (one per layer unless a shape is given),
@@ -46,6 +53,9 @@ _SPECS = [
 ]
 
 SAMPLE_NAMES = [spec[0] for spec in _SPECS]
+
+#: Samples that also add a shift [C_out, Ho, Wo] (an ODE block's time map) to the output.
+SHIFTED = ("sigma1-odd", "batch1-stride2-groups-bias", "non-contiguous", "batch0", "per-pair")
 
 
 def sample_inputs(device="cpu", dtype=torch.float64, requires_grad=False, names=None) -> list[Sample]:
@@ -73,7 +83,14 @@ def sample_inputs(device="cpu", dtype=torch.float64, requires_grad=False, names=
                 if t is not None:
                     t.requires_grad_()
         kwargs = dict(order=order, stride=stride, padding=padding, groups=groups, kernel_size=k)
-        out.append(Sample(name, x, s, a, b, kwargs, sharing))
+        shift = None
+        if name in SHIFTED:  # its own generator: the other samples' draws stay as they were
+            from dcn_fast.functional import srf_conv2d
+
+            shape = srf_conv2d(x.detach(), s.detach(), a.detach(), backend="reference", **kwargs).shape[1:]
+            shift = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+            shift = shift.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+        out.append(Sample(name, x, s, a, b, kwargs, sharing, shift))
     return out
 
 

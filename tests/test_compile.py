@@ -172,15 +172,16 @@ def test_op_under_torch_compile_fullgraph(algorithm):
 
     cpu_kernel_or_skip()
     (sample,) = sample_inputs(names=["batch1-stride2-groups-bias"])
-    x, taps, alpha, bias, stride, padding, groups, _ = op_args(sample, algorithm, True)
+    x, taps, alpha, bias, shift, stride, padding, groups, _ = op_args(sample, algorithm, True)
+    leaves = (x, taps, alpha, bias, shift)
 
-    def f(x, taps, alpha, bias):
-        return torch.ops.dcn_fast.srf_conv2d(x, taps, alpha, bias, stride, padding, groups, algorithm).relu().sum()
+    def f(*leaves):
+        return torch.ops.dcn_fast.srf_conv2d(*leaves, stride, padding, groups, algorithm).relu().sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    got, want = compiled(x, taps, alpha, bias), f(x, taps, alpha, bias)
+    got, want = compiled(*leaves), f(*leaves)
     assert rel_err(got, want) < 1e-12
-    for g, e in zip(torch.autograd.grad(got, (x, taps, alpha, bias)), torch.autograd.grad(want, (x, taps, alpha, bias))):
+    for g, e in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
         assert rel_err(g, e) < 1e-12
 
 
@@ -192,16 +193,16 @@ def test_functional_under_torch_compile_fullgraph(backend):
     if backend in ("cpu", "dense"):
         cpu_kernel_or_skip()
     (sample,) = sample_inputs(requires_grad=True, names=["batch1-stride2-groups-bias"])
-    x, s, a, b = sample.tensors
+    x, s, a, b, shift = sample.tensors
     taps = srf_taps_for(s, order=sample.kwargs["order"])
 
-    def f(x, taps, a, b):
-        return srf_conv2d(x, s, a, bias=b, taps=taps, backend=backend, **sample.kwargs).relu().sum()
+    def f(x, taps, a, b, shift):
+        return srf_conv2d(x, s, a, bias=b, taps=taps, backend=backend, shift=shift, **sample.kwargs).relu().sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    got, want = compiled(x, taps, a, b), f(x, taps, a, b)
+    got, want = compiled(x, taps, a, b, shift), f(x, taps, a, b, shift)
     assert rel_err(got, want) < 1e-12
-    leaves = (x, s, a, b)
+    leaves = (x, s, a, b, shift)
     for g, e in zip(torch.autograd.grad(got, leaves, retain_graph=True), torch.autograd.grad(want, leaves)):
         assert rel_err(g, e) < 1e-12
 

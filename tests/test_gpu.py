@@ -170,9 +170,8 @@ def test_dense_on_cuda_matches_float64_reference(dtype, tol):
 
     for sample in sample_inputs(device=DEV, dtype=dtype, requires_grad=True):
         cpu = [t.detach().cpu().double().requires_grad_() for t in sample.tensors]
-        x, s, a, *b = sample.tensors
-        got = srf_conv2d(x, s, a, bias=b[0] if b else None, backend="dense", **sample.kwargs)
-        want = srf_conv2d(*cpu[:3], bias=cpu[3] if b else None, backend="reference", **sample.kwargs)
+        got = srf_conv2d(*sample.tensors[:3], backend="dense", **sample.optional(sample.tensors), **sample.kwargs)
+        want = srf_conv2d(*cpu[:3], backend="reference", **sample.optional(cpu), **sample.kwargs)
         grad = torch.randn(want.shape, dtype=torch.float64)
         got_grads = torch.autograd.grad(got, sample.tensors, grad.to(DEV, dtype))
         want_grads = torch.autograd.grad(want, cpu, grad)

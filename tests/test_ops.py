@@ -39,7 +39,7 @@ def op_args(sample, algorithm, requires_grad):
     c_out = sample.alpha.shape[2]
     taps = taps.reshape(*((c_out, -1) if sample.sharing != "layer" else (1, 1)), *taps.shape[-2:]).detach()
     tensors = [t.detach().requires_grad_(requires_grad) if t is not None else None
-               for t in (sample.input, taps, sample.alpha, sample.bias)]
+               for t in (sample.input, taps, sample.alpha, sample.bias, sample.shift)]
     return (*tensors, list(spec.stride), list(spec.padding), kw["groups"], algorithm)
 
 
@@ -53,7 +53,7 @@ def test_opcheck_srf_conv2d(algorithm, requires_grad):
 
 def test_opcheck_building_blocks():
     for sample in sample_inputs(names=["batch1-stride2-groups-bias", "per-pair"]):
-        x, taps, alpha, bias, stride, padding, groups, _ = op_args(sample, "dense", False)
+        x, taps, alpha, bias, shift, stride, padding, groups, _ = op_args(sample, "dense", False)
         out = torch.ops.dcn_fast.srf_dense_conv2d(x, taps, alpha, bias, stride, padding, groups)
         grad_out = torch.randn_like(out)
         filter = torch.ops.dcn_fast.srf_dense_filter(taps, alpha)
@@ -69,7 +69,10 @@ def test_opcheck_building_blocks():
         ]
         if sample.sharing == "layer":
             checks += [
-                (torch.ops.dcn_fast.srf_tiled_conv2d.default, (x, taps[0, 0], alpha, stride, padding, groups)),
+                (torch.ops.dcn_fast.srf_tiled_conv2d.default, (x, taps[0, 0], alpha, bias, shift, stride, padding,
+                                                               groups)),
+                (torch.ops.dcn_fast.srf_tiled_conv2d.default, (x, taps[0, 0], alpha, None, None, stride, padding,
+                                                               groups)),
                 (torch.ops.dcn_fast.srf_tiled_conv2d_backward.default,
                  (grad_out, x, taps[0, 0], alpha, stride, padding, groups, [True, False, True])),
             ]

@@ -28,8 +28,8 @@ def backend(request):
 
 
 def run(backend, sample, tensors=None):
-    x, s, a, *b = tensors if tensors is not None else sample.tensors
-    return srf_conv2d(x, s, a, bias=b[0] if b else None, backend=backend, **sample.kwargs)
+    tensors = sample.tensors if tensors is None else tensors
+    return srf_conv2d(*tensors[:3], backend=backend, **sample.optional(tensors), **sample.kwargs)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
@@ -48,7 +48,8 @@ def test_forward_and_gradients_match_reference(backend, name, dtype, tol):
         assert all(torch.equal(g, torch.zeros_like(g)) for g in actual_grads)
         return
     assert rel_err(actual, expected) < tol
-    for label, g, e in zip("input scale alpha bias".split(), actual_grads, expected_grads):
+    labels = ["input", "scale", "alpha"] + list(sample.optional(sample.tensors))
+    for label, g, e in zip(labels, actual_grads, expected_grads):
         assert g.shape == e.shape and rel_err(g, e) < tol, label
 
 
@@ -83,6 +84,10 @@ def test_gradcheck(backend, name):
     # Small enough for numerical Jacobians, still odd sizes / stride / groups.
     x = sample.input[:1, :, :10, :9].detach().requires_grad_()
     tensors = [x, *sample.tensors[1:]]
+    if sample.shift is not None:  # cropped to the smaller output
+        unshifted = [x, *sample.tensors[1:3], *([sample.bias] if sample.bias is not None else [])]
+        ho, wo = run(backend, sample, unshifted).shape[-2:]
+        tensors[-1] = sample.shift[:, :ho, :wo].detach().requires_grad_()
     assert torch.autograd.gradcheck(lambda *t: run(backend, sample, list(t)), tensors, fast_mode=True)
 
 
@@ -220,6 +225,10 @@ A = torch.randn(6, 3, 4)
         (dict(groups=2), ValueError, "groups=2 must divide the input channels"),
         (dict(groups=0), ValueError, "groups must be an int >= 1"),
         (dict(bias=torch.zeros(3)), ValueError, r"bias must be None or a tensor of shape \[4\]"),
+        (dict(shift=torch.zeros(4, 8)), ValueError, r"shift must be None or a tensor of shape \[C_out, Ho, Wo\]"),
+        (dict(shift=torch.zeros(4, 8, 8), stride=2), ValueError, r"shape \[C_out, Ho, Wo\] = \[4, 4, 4\]"),
+        (dict(shift=torch.zeros(4, 8, 8, dtype=torch.long)), TypeError, "shift must be a floating-point tensor"),
+        (dict(shift=torch.zeros(4, 8, 8, device="meta")), ValueError, "shift is on meta but input is on cpu"),
         (dict(scale=torch.tensor([float("nan")])), ValueError, "scale .* must be finite"),
         (dict(scale=torch.tensor([float("inf")])), ValueError, "scale .* must be finite"),
         (dict(scale=torch.zeros(2)), ValueError, r"scale must have shape \[1\]"),

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <array>
 #include <new>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -367,19 +368,33 @@ void pass_along_h(const scalar_t* z, const scalar_t* taps, const Geometry& g, co
                   g.out_w * lanes, taps + g.row_tap[f] * g.k, 1, g.k);
 }
 
+// bias [C_out] and shift [C_out, Ho, Wo] (each optional) are added to every
+// image's output as the tile matrix is copied out: no pass of their own.
 at::Tensor srf_conv2d_cpu(const at::Tensor& input_, const at::Tensor& taps_, const at::Tensor& alpha_,
+                          const std::optional<at::Tensor>& bias_, const std::optional<at::Tensor>& shift_,
                           at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups) {
   const Geometry g = make_geometry(input_, taps_, alpha_, stride, padding, groups, kForwardTilePixels, true);
   // Detached: the GEMMs below must not meet autograd, here or in worker threads.
   const at::Tensor input = input_.detach().contiguous(), taps = taps_.detach().contiguous(),
                    alpha = alpha_.detach().contiguous();
+  const auto addend = [&](const std::optional<at::Tensor>& t, const char* name, at::IntArrayRef shape) {
+    if (!t.has_value() || !t->defined()) return at::Tensor();
+    TORCH_CHECK(t->sizes() == shape, "srf_conv2d: ", name, " must have shape ", shape, ", got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == input.scalar_type(), "srf_conv2d: ", name, " must have the input's dtype");
+    return t->detach().contiguous();
+  };
+  const at::Tensor bias = addend(bias_, "bias", {g.c_out});
+  const at::Tensor shift = addend(shift_, "shift", {g.c_out, g.out_h, g.out_w});
   at::Tensor out = at::empty({g.batch, g.c_out, g.out_h, g.out_w}, input.options());
   const at::Tensor alpha2d = alpha.view({g.n_basis * g.c_in_g, g.c_out});
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "srf_conv2d_cpu", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* tp = taps.const_data_ptr<scalar_t>();
+    const scalar_t* bs = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* sh = shift.defined() ? shift.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    const int64_t plane = g.out_h * g.out_w;
     const Buffers<scalar_t> size(g);
     const int64_t compact = g.n_basis * g.c_in_g;  // one pixel's responses
     at::parallel_for(0, g.image_groups * g.n_tiles, 1, [&](int64_t begin, int64_t end) {
@@ -399,7 +414,19 @@ at::Tensor srf_conv2d_cpu(const at::Tensor& input_, const at::Tensor& taps_, con
           at::Tensor y_tile = at::from_blob(window.data(), {g.c_out_g, columns}, input.options());
           at::mm_out(y_tile, a.t(), responses.t());
           for_window_runs(g, tile, grp, [&](int64_t at, int64_t from) {
-            std::copy(window.data() + from, window.data() + from + tile.pixels, y + at);
+            const scalar_t* src = window.data() + from;
+            if (!bs && !sh) {
+              std::copy(src, src + tile.pixels, y + at);
+              return;
+            }
+            const int64_t in_image = at % (g.c_out * plane);  // channel o, then the tile's first pixel
+            const scalar_t b = bs ? bs[in_image / plane] : scalar_t(0);
+            if (sh) {
+              const scalar_t* s = sh + in_image;
+              for (int64_t p = 0; p < tile.pixels; ++p) y[at + p] = src[p] + b + s[p];
+            } else {
+              for (int64_t p = 0; p < tile.pixels; ++p) y[at + p] = src[p] + b;
+            }
           });
         }
       }
