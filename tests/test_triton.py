@@ -154,20 +154,23 @@ def test_sizes_past_the_kernels_indexing_are_refused():
     assert "batch > 65535" in supports((70000, 256, 1, 1), torch.float32, alpha, 1)
 
 
-def test_bias_is_added_in_the_kernel():
-    """The forward kernel adds the bias; its gradient is gy summed over batch and pixels."""
+@pytest.mark.parametrize("shifted", [False, True])
+def test_bias_is_added_in_the_kernel(shifted):
+    """The forward kernel adds the bias; its gradient is gy summed over batch and pixels. A shift
+    (added after the kernel) gets gy summed over the batch."""
     x = torch.randn(2, 3, 7, 8, device=DEVICE, requires_grad=True)
     s = torch.tensor([0.3], device=DEVICE, requires_grad=True)
     a = torch.randn(6, 3, 5, device=DEVICE, requires_grad=True)
     bias = torch.randn(5, device=DEVICE, requires_grad=True)
-    out = srf_conv2d(x, s, a, bias=bias, stride=2, backend="triton")
-    wide = [t.detach().double().requires_grad_() for t in (x, s, a, bias)]
-    want = srf_conv2d(*wide[:3], bias=wide[3], stride=2, backend="reference")
+    leaves = [x, s, a, bias] + ([torch.randn(5, 4, 4, device=DEVICE, requires_grad=True)] if shifted else [])
+    out = srf_conv2d(*leaves[:3], bias=bias, shift=leaves[4] if shifted else None, stride=2, backend="triton")
+    wide = [t.detach().double().requires_grad_() for t in leaves]
+    want = srf_conv2d(*wide[:3], bias=wide[3], shift=wide[4] if shifted else None, stride=2, backend="reference")
     assert rel_err(out, want) < 1e-5
     grad = torch.randn_like(want)
-    got = torch.autograd.grad(out, (x, s, a, bias), grad.float())
+    got = torch.autograd.grad(out, leaves, grad.float())
     expected = torch.autograd.grad(want, wide, grad)
-    for name, g, e in zip(("input", "scale", "alpha", "bias"), got, expected):
+    for name, g, e in zip(("input", "scale", "alpha", "bias", "shift"), got, expected):
         assert rel_err(g, e) < 1e-4, name
 
 
