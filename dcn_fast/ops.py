@@ -154,8 +154,12 @@ def _output_shape(input, taps, alpha, stride, padding) -> tuple:
     return input.shape[0], alpha.shape[2], ho, wo
 
 
-def _check_addends(shape, bias, shift) -> None:
-    """bias ``[C_out]`` and shift ``[C_out, Ho, Wo]`` (the output's shape without the batch), each optional."""
+def _check_addends(shape, bias, shift, device) -> None:
+    """bias ``[C_out]`` and shift ``[C_out, Ho, Wo]`` (the output's shape without the batch), each optional,
+    on the input's device (a meta one would send the call to the fake kernel: an uninitialised result)."""
+    for name, t in (("bias", bias), ("shift", shift)):
+        torch._check(t is None or t.device == device,
+                     lambda: f"srf_conv2d: {name} is on {t.device} but input is on {device}")
     torch._check(bias is None or tuple(bias.shape) == (shape[1],),
                  lambda: f"srf_conv2d: bias must be [C_out] = [{shape[1]}], got {tuple(bias.shape)}")
     torch._check(shift is None or tuple(shift.shape) == tuple(shape[1:]),
@@ -166,7 +170,7 @@ def _fake_output(input, taps, alpha, stride, padding, groups, bias=None, shift=N
     """The output of a call with ``taps [T_o, T_i, N+1, K]``, as an empty tensor (fake kernels)."""
     _check_shapes(input, taps, alpha, groups)
     shape = _output_shape(input, taps, alpha, stride, padding)
-    _check_addends(shape, bias, shift)
+    _check_addends(shape, bias, shift, input.device)
     return input.new_empty(shape)
 
 
@@ -186,7 +190,7 @@ def _(grad_output, input, taps, alpha, stride, padding, groups, algorithm, outpu
 
 def _srf_conv2d_kernel(input, taps, alpha, bias, shift, stride, padding, groups, algorithm):
     _check_shapes(input, taps, alpha, groups)
-    _check_addends(_output_shape(input, taps, alpha, stride, padding), bias, shift)
+    _check_addends(_output_shape(input, taps, alpha, stride, padding), bias, shift, input.device)
     shared = taps.shape[0] == taps.shape[1] == 1
     run = algorithm_for(algorithm, input.device, shared).forward
     return run(input, taps, alpha, bias, shift, tuple(stride), tuple(padding), groups)

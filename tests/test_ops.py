@@ -112,6 +112,15 @@ def test_dense_filter_matches_the_published_filters(sharing, order, dtype, tol):
     assert torch.equal(again[0], grad_taps) and torch.equal(again[1], grad_alpha)  # deterministic
 
 
+def test_op_refuses_an_addend_on_another_device():
+    """A meta bias or shift with a CPU input would route the call to the fake kernel (an uninitialised result)."""
+    (sample,) = sample_inputs(names=["batch1-stride2-groups-bias"])
+    x, taps, alpha, bias, shift, *rest = op_args(sample, "cpu", False)
+    for name, args in (("bias", (bias.to("meta"), shift)), ("shift", (bias, shift.to("meta")))):
+        with pytest.raises(RuntimeError, match=f"{name} is on meta but input is on cpu"):
+            torch.ops.dcn_fast.srf_conv2d(x, taps, alpha, *args, *rest)
+
+
 def test_op_refuses_what_an_algorithm_cannot_serve():
     (layer,) = sample_inputs(names=["sigma1-odd"])
     (pair,) = sample_inputs(names=["per-pair"])

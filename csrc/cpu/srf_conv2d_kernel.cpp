@@ -381,6 +381,7 @@ at::Tensor srf_conv2d_cpu(const at::Tensor& input_, const at::Tensor& taps_, con
     if (!t.has_value() || !t->defined()) return at::Tensor();
     TORCH_CHECK(t->sizes() == shape, "srf_conv2d: ", name, " must have shape ", shape, ", got ", t->sizes());
     TORCH_CHECK(t->scalar_type() == input.scalar_type(), "srf_conv2d: ", name, " must have the input's dtype");
+    TORCH_CHECK(t->device() == input.device(), "srf_conv2d: ", name, " must be on the input's device");
     return t->detach().contiguous();
   };
   const at::Tensor bias = addend(bias_, "bias", {g.c_out});
