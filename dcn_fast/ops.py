@@ -353,6 +353,8 @@ def require_kernels(target: str) -> None:
 
 def _tiled_forward(input, taps, alpha, bias, shift, stride, padding, groups):
     require_kernels("cpu")
+    # The kernel reads its addends in the input's dtype (as this algorithm cast the bias before the fold).
+    bias, shift = (None if t is None else t.to(input.dtype) for t in (bias, shift))
     return torch.ops.dcn_fast.srf_tiled_conv2d(input, taps[0, 0], alpha, bias, shift, stride, padding, groups)
 
 

@@ -121,6 +121,15 @@ def test_op_refuses_an_addend_on_another_device():
             torch.ops.dcn_fast.srf_conv2d(x, taps, alpha, *args, *rest)
 
 
+def test_cpu_op_casts_its_addends_to_the_input_dtype():
+    """A float32 bias or shift with a float64 input: the cpu algorithm casts them, as it cast the bias before."""
+    (sample,) = sample_inputs(names=["batch1-stride2-groups-bias"])
+    x, taps, alpha, bias, shift, *rest = op_args(sample, "cpu", False)
+    narrow = torch.ops.dcn_fast.srf_conv2d(x, taps, alpha, bias.float(), shift.float(), *rest)
+    wide = torch.ops.dcn_fast.srf_conv2d(x, taps, alpha, bias.float().double(), shift.float().double(), *rest)
+    assert narrow.dtype == torch.float64 and torch.equal(narrow, wide)
+
+
 def test_op_refuses_what_an_algorithm_cannot_serve():
     (layer,) = sample_inputs(names=["sigma1-odd"])
     (pair,) = sample_inputs(names=["per-pair"])
