@@ -311,6 +311,31 @@ struct LaneAligned {
 template <typename scalar_t>
 using TileBuffer = std::vector<scalar_t, LaneAligned<scalar_t>>;
 
+// A thread keeps its tile buffers from call to call (each up to kKeptBytes; a
+// larger one lives for the call only). Allocated afresh per call, they were
+// mapped and zeroed page by page each time: ~10 % of a forward at the DCN-ODE
+// shapes went to page faults and memset. Kept ones hold the last call's
+// values (finite leftovers of the same kind, in lanes no result reads);
+// grown ones start as zeros.
+constexpr int64_t kKeptBytes = int64_t(4) << 20;
+constexpr int kScratchSlots = 6;
+
+template <typename scalar_t>
+class Scratch {
+ public:
+  Scratch(int slot, int64_t n) {
+    static thread_local std::array<TileBuffer<scalar_t>, kScratchSlots> kept;
+    TileBuffer<scalar_t>& buffer = n * int64_t(sizeof(scalar_t)) <= kKeptBytes ? kept.at(slot) : own_;
+    if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n, scalar_t(0));
+    data_ = buffer.data();
+  }
+  scalar_t* data() const { return data_; }
+
+ private:
+  TileBuffer<scalar_t> own_;
+  scalar_t* data_;
+};
+
 // Sizes of one thread's tile buffers.
 template <typename scalar_t>
 struct Buffers {
@@ -330,13 +355,24 @@ struct Buffers {
 // xt[r][w][i] = zero-padded input of channel i at padded row first_padded_row + r.
 template <typename scalar_t>
 void load_tile(const scalar_t* planes, const Geometry& g, const Tile& tile, int64_t lanes, scalar_t* xt) {
-  std::fill(xt, xt + tile.footprint * g.padded_w * lanes, scalar_t(0));
+  const int64_t row = g.padded_w * lanes;
   for (int64_t r = 0; r < tile.footprint; ++r) {
+    scalar_t* dst_row = xt + r * row;
     const int64_t h = tile.first_padded_row + r - g.pad_h;
-    if (h < 0 || h >= g.height) continue;
+    if (h < 0 || h >= g.height) {
+      std::fill(dst_row, dst_row + row, scalar_t(0));
+      continue;
+    }
+    // Zeros only where no input lands (the buffer is reused): the padding
+    // columns and, inside the image, the lanes past C_in_g.
+    std::fill(dst_row, dst_row + g.pad_w * lanes, scalar_t(0));
+    std::fill(dst_row + (g.pad_w + g.width) * lanes, dst_row + row, scalar_t(0));
+    if (lanes > g.c_in_g)
+      for (int64_t w = 0; w < g.width; ++w)
+        std::fill(dst_row + (g.pad_w + w) * lanes + g.c_in_g, dst_row + (g.pad_w + w + 1) * lanes, scalar_t(0));
     for (int64_t i = 0; i < g.c_in_g; ++i) {
       const scalar_t* src = planes + (i * g.height + h) * g.width;
-      scalar_t* dst = xt + (r * g.padded_w + g.pad_w) * lanes + i;
+      scalar_t* dst = dst_row + g.pad_w * lanes + i;
       for (int64_t w = 0; w < g.width; ++w) dst[w * lanes] = src[w];
     }
   }
@@ -399,7 +435,7 @@ at::Tensor srf_conv2d_cpu(const at::Tensor& input_, const at::Tensor& taps_, con
     const Buffers<scalar_t> size(g);
     const int64_t compact = g.n_basis * g.c_in_g;  // one pixel's responses
     at::parallel_for(0, g.image_groups * g.n_tiles, 1, [&](int64_t begin, int64_t end) {
-      TileBuffer<scalar_t> xt(size.xt), z(size.z), resp(size.resp, scalar_t(0)), window(size.window);
+      const Scratch<scalar_t> xt(0, size.xt), z(1, size.z), resp(2, size.resp), window(3, size.window);
       for (int64_t item = begin; item < end; ++item) {
         const Tile tile = make_tile(g, item / g.n_tiles, item % g.n_tiles);
         const int64_t columns = tile.images * tile.pixels;
@@ -474,9 +510,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> srf_conv2d_backward_cpu(
       at::parallel_for(0, g.batch * per_image, 1, [&](int64_t begin, int64_t end) {
         const int64_t tid = at::get_thread_num();
         TORCH_CHECK(tid < n_threads, "srf_conv2d_backward: thread id ", tid, " >= ", n_threads);
-        TileBuffer<scalar_t> xt(read_input ? size.xt : 0), z(read_input ? size.z : 0);
-        TileBuffer<scalar_t> resp(need_alpha ? size.resp : 0, scalar_t(0)), grad_resp(size.resp, scalar_t(0));
-        TileBuffer<scalar_t> grad_z(size.z), grad_xt(need_input ? size.xt : 0);
+        const Scratch<scalar_t> xt(0, read_input ? size.xt : 0), z(1, read_input ? size.z : 0);
+        const Scratch<scalar_t> resp(2, need_alpha ? size.resp : 0), grad_resp(3, size.resp);
+        const Scratch<scalar_t> grad_z(4, size.z), grad_xt(5, need_input ? size.xt : 0);
         // Lane-wise partial sums of the tap gradient, reduced over channels at the end.
         TileBuffer<scalar_t> tap_acc(need_taps ? g.order1 * g.k * lanes : 0, scalar_t(0));
         for (int64_t item = begin; item < end; ++item) {
