@@ -376,3 +376,30 @@ def test_cpu_kernel_across_tiles(shape, stride, groups, threads, cpu_kernel):
     assert rel_err(outs[0], outs[1]) < 1e-10
     for label, g, e in zip(("input", "scale", "alpha"), actual, expected):
         assert rel_err(g, e) < 1e-10, label
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_kernel_reused_buffers_hold_no_stale_values(threads, cpu_kernel):
+    """Each thread keeps its tile buffers between calls: what a previous call left there (other shapes,
+    non-finite values) never reaches a result. A call on NaN inputs with more channels and a larger
+    image, then a finite one whose channels leave unused lanes (20 channels: lanes of 8 or 16 doubles),
+    checked against the reference in float64, forward and every gradient."""
+    gen = torch.Generator().manual_seed(3)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        scale = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+        poisoned = torch.full((3, 37, 23, 21), float("nan"), dtype=torch.float64, requires_grad=True)
+        alpha = torch.full((num_basis(2), 37, 5), float("nan"), dtype=torch.float64, requires_grad=True)
+        out = srf_conv2d(poisoned, scale, alpha, backend="cpu")
+        torch.autograd.grad(out, (poisoned, scale, alpha), torch.full_like(out, float("nan")))
+        x = torch.randn(4, 20, 11, 9, dtype=torch.float64, generator=gen, requires_grad=True)
+        alpha = torch.randn(num_basis(2), 20, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+        outs = [srf_conv2d(x, scale, alpha, stride=(2, 1), backend=name) for name in ("cpu", "reference")]
+        grad = torch.randn(outs[0].shape, dtype=torch.float64, generator=gen)
+        actual, expected = (torch.autograd.grad(o, (x, scale, alpha), grad) for o in outs)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.isfinite(outs[0]).all() and rel_err(outs[0], outs[1]) < 1e-10
+    for label, g, e in zip(("input", "scale", "alpha"), actual, expected):
+        assert torch.isfinite(g).all() and rel_err(g, e) < 1e-10, label
