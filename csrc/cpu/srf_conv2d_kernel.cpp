@@ -159,8 +159,9 @@ void for_window_runs(const Geometry& g, const Tile& tile, int64_t grp, Copy copy
 // kLane values ([..][C_in_g padded]); the 1-D passes are then sums of a few
 // lane-wide rows, accumulated in registers, whatever the stride. The basis
 // responses are written compactly as the [pixels, F*C_in_g] operand of the
-// GEMM with α. Lanes past C_in_g hold zeros (input) or finite leftovers read
-// from neighbouring compact rows; they are never stored into a result.
+// GEMM with α. Lanes past C_in_g hold leftovers (of a previous call, or read
+// from neighbouring compact rows; possibly non-finite): every step is lane-wise
+// and none of them is stored into a result or reduced.
 #if defined(__AVX512F__)
 constexpr int64_t kLaneBytes = 64;
 #else
@@ -314,9 +315,10 @@ using TileBuffer = std::vector<scalar_t, LaneAligned<scalar_t>>;
 // A thread keeps its tile buffers from call to call (each up to kKeptBytes; a
 // larger one lives for the call only). Allocated afresh per call, they were
 // mapped and zeroed page by page each time: ~10 % of a forward at the DCN-ODE
-// shapes went to page faults and memset. Kept ones hold the last call's
-// values (finite leftovers of the same kind, in lanes no result reads);
-// grown ones start as zeros.
+// shapes went to page faults and memset. Kept ones hold whatever the last
+// call left (any role, any values: see the lanes past C_in_g above); every
+// value a result depends on is written before it is read. A thread holds at
+// most 6 · 4 MiB per dtype for its lifetime.
 constexpr int64_t kKeptBytes = int64_t(4) << 20;
 constexpr int kScratchSlots = 6;
 
@@ -326,7 +328,10 @@ class Scratch {
   Scratch(int slot, int64_t n) {
     static thread_local std::array<TileBuffer<scalar_t>, kScratchSlots> kept;
     TileBuffer<scalar_t>& buffer = n * int64_t(sizeof(scalar_t)) <= kKeptBytes ? kept.at(slot) : own_;
-    if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n, scalar_t(0));
+    if (static_cast<int64_t>(buffer.size()) < n) {
+      buffer.reserve(n);  // exactly n: resize alone may double the capacity
+      buffer.resize(n, scalar_t(0));
+    }
     data_ = buffer.data();
   }
   scalar_t* data() const { return data_; }
@@ -363,13 +368,10 @@ void load_tile(const scalar_t* planes, const Geometry& g, const Tile& tile, int6
       std::fill(dst_row, dst_row + row, scalar_t(0));
       continue;
     }
-    // Zeros only where no input lands (the buffer is reused): the padding
-    // columns and, inside the image, the lanes past C_in_g.
+    // Zeros in the padding columns (the buffer is reused); the lanes past
+    // C_in_g keep leftovers, which no result reads.
     std::fill(dst_row, dst_row + g.pad_w * lanes, scalar_t(0));
     std::fill(dst_row + (g.pad_w + g.width) * lanes, dst_row + row, scalar_t(0));
-    if (lanes > g.c_in_g)
-      for (int64_t w = 0; w < g.width; ++w)
-        std::fill(dst_row + (g.pad_w + w) * lanes + g.c_in_g, dst_row + (g.pad_w + w + 1) * lanes, scalar_t(0));
     for (int64_t i = 0; i < g.c_in_g; ++i) {
       const scalar_t* src = planes + (i * g.height + h) * g.width;
       scalar_t* dst = dst_row + g.pad_w * lanes + i;
