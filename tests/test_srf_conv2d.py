@@ -409,3 +409,36 @@ def test_cpu_kernel_reused_buffers_hold_no_stale_values(threads, dtype, tol, cpu
                 assert torch.isfinite(g).all() and rel_err(g, e) < tol, (shape, label)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize(
+    "shape, stride, groups",
+    [((3, 4, 33, 9, 7), 1, 1), ((2, 6, 34, 20, 19), 2, 2), ((1, 3, 16, 40, 37), 1, 1), ((2, 2, 1, 6, 5), 1, 1)],
+    ids=["33-outputs-whole-images", "17-per-group-stride2", "16-outputs-row-tiles", "one-output"],
+)
+def test_cpu_kernel_output_blocks(shape, stride, groups, dtype, tol, cpu_kernel):
+    """The forward writes each tile's pixel-major GEMM result into the NCHW output one lane x lane block
+    (16 x 16 in float32, 8 x 8 in float64 with AVX-512) transposed in registers, and the channels and
+    pixels past whole blocks element by element, adding the bias and the shift on the way: output
+    channels per group that are and are not a multiple of the lane (1, 16, 17, 33), pixel counts that
+    are not (63, 100, 37 per row), tiles of several images and tiles of a few rows, against the reference."""
+    gen = torch.Generator().manual_seed(5)
+    b, c_in, c_out, h, w = shape
+    x = torch.randn(b, c_in, h, w, dtype=torch.float64, generator=gen).to(dtype).requires_grad_()
+    scale = torch.tensor(0.8, dtype=dtype, requires_grad=True)  # σ = 1.74: K = 9
+    alpha = torch.randn(num_basis(2), c_in // groups, c_out, dtype=torch.float64, generator=gen).to(dtype)
+    bias = torch.randn(c_out, dtype=torch.float64, generator=gen).to(dtype).requires_grad_()
+    ho, wo = ((h - 1) // stride + 1, (w - 1) // stride + 1)
+    shift = torch.randn(c_out, ho, wo, dtype=torch.float64, generator=gen).to(dtype).requires_grad_()
+    alpha.requires_grad_()
+    for addends in (dict(), dict(bias=bias), dict(bias=bias, shift=shift)):
+        outs = [srf_conv2d(x, scale, alpha, stride=stride, groups=groups, backend=name, **addends)
+                for name in ("cpu", "reference")]
+        assert outs[0].shape == (b, c_out, ho, wo)
+        assert rel_err(outs[0], outs[1]) < tol, sorted(addends)
+    grad = torch.randn(outs[0].shape, dtype=torch.float64, generator=gen).to(dtype)
+    wrt = (x, alpha, bias, shift)
+    actual, expected = (torch.autograd.grad(out, wrt, grad) for out in outs)
+    for label, g, e in zip(("input", "alpha", "bias", "shift"), actual, expected):
+        assert rel_err(g, e) < tol, label
