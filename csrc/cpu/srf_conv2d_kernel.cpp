@@ -587,23 +587,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> srf_conv2d_backward_cpu(
             at::mm_out(grad_responses, gy_tile.t(), a.t());
 
             // Transposed H pass, as a gather: grad_z[m][r][wo] = Σ_(f: m_f = m) Σ_ho b_l[r - ho·sH] ·
-            // grad_resp[ho·Wo + wo][f] over the ho with 0 <= r - ho·sH < K.
-            for (int64_t m = 0; m < g.order1; ++m)
-              for (int64_t r = 0; r < tile.footprint; ++r) {
-                const int64_t ho_lo = std::max<int64_t>(0, ceil_div(std::max<int64_t>(r - g.k + 1, 0), g.stride_h));
-                const int64_t ho_hi = std::min(tile.rows - 1, r / g.stride_h);
-                for (int64_t i0 = 0; i0 < lanes; i0 += V) {
-                  scalar_t* dst = grad_z.data() + (m * tile.footprint + r) * g.out_w * lanes + i0;
-                  for (int64_t wo = 0; wo < g.out_w; ++wo) std::fill(dst + wo * lanes, dst + wo * lanes + V, scalar_t(0));
-                  if (ho_hi < ho_lo) continue;
-                  for (int64_t f = 0; f < nb; ++f) {
-                    if (g.col_tap[f] != m) continue;
-                    lane_sums(g.out_w, dst, lanes, true, V, grad_resp.data() + (ho_lo * g.out_w * nb + f) * cig + i0,
-                              nb * cig, g.out_w * nb * cig, tp + g.row_tap[f] * g.k + (r - ho_lo * g.stride_h),
-                              -g.stride_h, ho_hi - ho_lo + 1);
+            // grad_resp[ho·Wo + wo][f] over the ho with 0 <= r - ho·sH < K. Row by row within one
+            // (lane, basis function): the K rows of grad_resp a row reads stay in L1 for the next.
+            for (int64_t m = 0; m < g.order1; ++m) {
+              scalar_t* plane = grad_z.data() + m * tile.footprint * g.out_w * lanes;
+              std::fill(plane, plane + tile.footprint * g.out_w * lanes, scalar_t(0));
+              for (int64_t i0 = 0; i0 < lanes; i0 += V)
+                for (int64_t f = 0; f < nb; ++f) {
+                  if (g.col_tap[f] != m) continue;
+                  for (int64_t r = 0; r < tile.footprint; ++r) {
+                    const int64_t ho_lo = ceil_div(std::max<int64_t>(r - g.k + 1, 0), g.stride_h);
+                    const int64_t ho_hi = std::min(tile.rows - 1, r / g.stride_h);
+                    if (ho_hi < ho_lo) continue;
+                    lane_sums(g.out_w, plane + r * g.out_w * lanes + i0, lanes, true, V,
+                              grad_resp.data() + (ho_lo * g.out_w * nb + f) * cig + i0, nb * cig,
+                              g.out_w * nb * cig, tp + g.row_tap[f] * g.k + (r - ho_lo * g.stride_h), -g.stride_h,
+                              ho_hi - ho_lo + 1);
                   }
                 }
-              }
+            }
             if (need_taps) {
               // b_l in its row role: Σ_pixels grad_resp[.][f] · z[m][ho·sH + a][wo], a < K.
               for (int64_t f = 0; f < nb; ++f)
