@@ -16,7 +16,7 @@ from .basis import MAX_RADIUS, MIN_SCALE, num_basis, srf_taps
 from .geometry import output_size, resolve_padding
 from .reference import srf_conv2d_reference
 
-__all__ = ["srf_conv2d", "srf_taps_for", "BACKENDS", "MIN_SCALE", "check_options", "resolve_backend", "truncation_radius"]
+__all__ = ["srf_conv2d", "plan_srf_conv2d", "SRFCall", "srf_taps_for", "BACKENDS", "MIN_SCALE", "check_options", "resolve_backend", "truncation_radius"]
 
 BACKENDS = ("auto", "reference", "cpu", "dense", "separable", "triton")
 
@@ -356,35 +356,92 @@ def srf_conv2d(
         >>> srf_conv2d(x, torch.zeros(1), alpha).shape
         torch.Size([2, 8, 16, 16])
     """
-    spec = _validate(input, scale, alpha, order, truncate, stride, padding, groups, bias, kernel_size, taps)
+    call = plan_srf_conv2d(input, scale, alpha, order=order, truncate=truncate, stride=stride, padding=padding,
+                           groups=groups, bias=bias, kernel_size=kernel_size, backend=backend, taps=taps)
     if shift is not None:
-        _check_shift(shift, input, alpha.shape[2], spec)
+        _check_shift(shift, input, alpha.shape[2], call.spec)
+    return call(input, shift)
+
+
+@dataclass(frozen=True)
+class SRFCall:
+    """A validated :func:`srf_conv2d` call (from :func:`plan_srf_conv2d`), to run on inputs like the planned one.
+
+    Calling it, ``call(input, shift=None)``, convolves without checking the
+    arguments or resolving the backend again: an ODE solve convolves every
+    evaluation's state with the same weights, and those per-call checks were
+    ~50 µs of each (2-core CPU, batch 1-8). ``input`` must have the planned
+    input's shape, dtype and device; ``shift`` as in :func:`srf_conv2d`
+    (the op checks its shape).
+    """
+
+    spec: _Spec
+    backend: str  # the resolved algorithm, or "reference"
+    dtype: torch.dtype  # the dtype the convolution runs in
+    input_shape: tuple
+    arguments: tuple  # the op's weights and options, or the reference's arguments
+
+    def __call__(self, input: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        if tuple(input.shape) != self.input_shape:
+            raise ValueError(f"this SRFCall was planned for inputs of shape {list(self.input_shape)}, "
+                             f"got {list(input.shape)}")
+        if self.backend == "reference":
+            out = srf_conv2d_reference(input, *self.arguments)
+            return out if shift is None else out + shift.to(out.dtype)
+        taps, alpha, bias, groups = self.arguments
+        input = input.to(self.dtype)
+        # The op runs in the promoted dtype of the inputs: autocast would recast the
+        # separable algorithm's grouped 1-D convolutions, which oneDNN cannot run in
+        # bf16. The Triton kernels read the input in the autocast dtype (as cuDNN
+        # would), keep taps and α in float32, accumulate in float32 and return the
+        # autocast dtype.
+        device = input.device.type
+        autocast = torch.is_autocast_enabled(device)
+        if autocast and self.backend == "triton" and input.dtype == torch.float32:
+            input = input.to(torch.get_autocast_dtype(device))
+        shift = None if shift is None else shift.to(self.dtype)
+        with torch.autocast(device, enabled=False) if autocast else nullcontext():
+            return ops.srf_conv2d(input, taps, alpha, bias, shift, self.spec.stride, self.spec.padding, groups,
+                                  self.backend)
+
+
+def plan_srf_conv2d(
+    input: torch.Tensor,
+    scale: torch.Tensor,
+    alpha: torch.Tensor,
+    *,
+    order: int = 2,
+    truncate: float = 2.0,
+    stride: IntPair = 1,
+    padding: Padding = "same",
+    groups: int = 1,
+    bias: torch.Tensor | None = None,
+    kernel_size: int | None = None,
+    backend: str = "auto",
+    taps: torch.Tensor | None = None,
+) -> SRFCall:
+    """Check the arguments of :func:`srf_conv2d` (without ``shift``) and resolve its backend once.
+
+    Returns an :class:`SRFCall` that convolves inputs of ``input``'s shape,
+    dtype and device with these weights; it keeps them (and their graph, when
+    they need gradients), so plan again after they change.
+    """
+    spec = _validate(input, scale, alpha, order, truncate, stride, padding, groups, bias, kernel_size, taps)
     dtype = torch.promote_types(input.dtype, alpha.dtype)
     name = resolve_backend(backend, input, dtype, alpha, groups, spec.sharing, 2 * spec.radius + 1)
+    shape = tuple(input.shape)
     if name == "reference":
         # "same" stays symbolic: the reference pads by its own filter's radius, which is
         # smaller than spec's when taps were laid out at a bound (σ(t) layers).
         same_or_pad = "same" if padding == "same" else spec.padding
         # Given taps fix the radius: no host read of σ (torch.compile traces it as one graph).
-        out = srf_conv2d_reference(
-            input, scale, alpha, order, truncate, spec.stride, same_or_pad, groups, bias, kernel_size,
-            None if taps is None else spec.radius,
-        )
-        return out if shift is None else out + shift.to(out.dtype)
-    input, alpha = input.to(dtype), alpha.to(dtype)
+        arguments = (scale, alpha, order, truncate, spec.stride, same_or_pad, groups, bias, kernel_size,
+                     None if taps is None else spec.radius)
+        return SRFCall(spec, name, dtype, shape, arguments)
+    alpha = alpha.to(dtype)
     if taps is None:
         taps = srf_taps(scale.to(dtype), order, spec.radius, truncate if kernel_size is None else None)
     # [T_o, T_i, N+1, K]: one tap set per layer, per output channel or per pair.
     taps = taps.to(dtype).reshape(*(alpha.shape[2], -1) if spec.sharing != "layer" else (1, 1), *taps.shape[-2:])
-    # The op runs in the promoted dtype of the inputs: autocast would recast the
-    # separable algorithm's grouped 1-D convolutions, which oneDNN cannot run in
-    # bf16. The Triton kernels read the input in the autocast dtype (as cuDNN
-    # would), keep taps and α in float32, accumulate in float32 and return the
-    # autocast dtype.
-    device = input.device.type
-    autocast = torch.is_autocast_enabled(device)
-    if autocast and name == "triton" and input.dtype == torch.float32:
-        input = input.to(torch.get_autocast_dtype(device))
-    bias, shift = (None if t is None else t.to(dtype) for t in (bias, shift))
-    with torch.autocast(device, enabled=False) if autocast else nullcontext():
-        return ops.srf_conv2d(input, taps, alpha, bias, shift, spec.stride, spec.padding, groups, name)
+    bias = None if bias is None else bias.to(dtype)
+    return SRFCall(spec, name, dtype, shape, (taps, alpha, bias, groups))

@@ -7,8 +7,8 @@ from torch import nn
 
 from .basis import OUTGROWN_RADIUS_ERROR, SCALE_SHARING, HostReadback, num_basis, srf_taps
 from .fit import FIXED_FROM_WEIGHT, fit_srf, filter_error
-from .functional import (BACKENDS, IntPair, Padding, _radius_tensor, check_options, checked_radius, srf_conv2d,
-                         truncation_radius)
+from .functional import (BACKENDS, IntPair, Padding, SRFCall, _radius_tensor, check_options, checked_radius,
+                         plan_srf_conv2d, srf_conv2d, truncation_radius)
 from .geometry import resolve_padding
 from .separable import dense_filters
 
@@ -234,21 +234,28 @@ class SRFConv2d(nn.Module):
         scale, alpha, taps = self._restrict(
             in_channels, self.scale if scale is None else scale, self.alpha if alpha is None else alpha, taps
         )
-        return srf_conv2d(
-            input,
-            scale,
-            alpha,
-            order=self.order,
-            truncate=self.truncate,
-            stride=self.stride,
-            padding=self.padding,
-            groups=self.groups,
-            bias=self.bias,
-            kernel_size=self.fixed_kernel_size,
-            backend=self.backend,
-            taps=taps,
-            shift=shift,
+        return srf_conv2d(input, scale, alpha, taps=taps, shift=shift, **self._call_options())
+
+    def plan(
+        self,
+        input: torch.Tensor,
+        taps: torch.Tensor,
+        *,
+        scale: torch.Tensor | None = None,
+        alpha: torch.Tensor | None = None,
+        in_channels: slice = slice(None),
+    ) -> SRFCall:
+        """:meth:`convolve`'s call checked once, to run again on inputs like ``input`` while these
+        weights last (an ODE solve's evaluations): ``plan(x, taps, ...)(x, shift)`` equals
+        ``convolve(x, taps, ..., shift=shift)``. See :func:`~dcn_fast.functional.plan_srf_conv2d`."""
+        scale, alpha, taps = self._restrict(
+            in_channels, self.scale if scale is None else scale, self.alpha if alpha is None else alpha, taps
         )
+        return plan_srf_conv2d(input, scale, alpha, taps=taps, **self._call_options())
+
+    def _call_options(self) -> dict:
+        return dict(order=self.order, truncate=self.truncate, stride=self.stride, padding=self.padding,
+                    groups=self.groups, bias=self.bias, kernel_size=self.fixed_kernel_size, backend=self.backend)
 
     def filters(
         self, taps: torch.Tensor | None = None, *, alpha: torch.Tensor | None = None, in_channels: slice = slice(None)

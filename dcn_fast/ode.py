@@ -162,9 +162,13 @@ class TimeConv(nn.Module):
             return out + t.to(out.dtype) * m
         # The SRF kernels add t·M as they write the output; its gradient is summed over
         # the batch before it meets t (not a batch-sized product per evaluation).
-        scale, alpha, taps = weights
-        return self.layer.convolve(x, taps, scale=scale, alpha=alpha, in_channels=slice(1, None),
-                                   shift=t.to(m.dtype) * m[0])
+        # The convolution's arguments are checked once per solve (and state shape): see SRFCall.
+        plan_key = ("plan", tuple(x.shape), x.dtype, x.device)
+        call = cache.get(plan_key)
+        if call is None:
+            scale, alpha, taps = weights
+            call = cache[plan_key] = self.layer.plan(x, taps, scale=scale, alpha=alpha, in_channels=slice(1, None))
+        return call(x, t.to(m.dtype) * m[0])
 
     def _time_map(self, size: tuple[int, int], weights, like: torch.Tensor) -> torch.Tensor:
         """M = conv_t(1) ``[1, C_out, H, W]`` without a convolution.

@@ -132,15 +132,22 @@ def algorithm_for(name: str, device: torch.device, shared_taps: bool) -> Algorit
     return algorithm
 
 
+def _check(condition, message: Callable[[], str]) -> None:
+    """``torch._check``, which fake kernels need for symbolic conditions (dynamic shapes); a true
+    Python bool returns at once (torch._check costs ~2.5 µs even then, eight of them per call)."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
 def _check_shapes(input, taps, alpha, groups) -> None:
-    torch._check(input.dim() == 4, lambda: f"srf_conv2d: input must be 4-D, got {input.dim()}-D")
-    torch._check(taps.dim() == 4, lambda: f"srf_conv2d: taps must be [T_o, T_i, N+1, K], got {tuple(taps.shape)}")
-    torch._check(
+    _check(input.dim() == 4, lambda: f"srf_conv2d: input must be 4-D, got {input.dim()}-D")
+    _check(taps.dim() == 4, lambda: f"srf_conv2d: taps must be [T_o, T_i, N+1, K], got {tuple(taps.shape)}")
+    _check(
         alpha.dim() == 3 and alpha.shape[1] * groups == input.shape[1],
         lambda: f"srf_conv2d: alpha must be [F, C_in/groups, C_out], got {tuple(alpha.shape)}",
     )
     order1 = taps.shape[2]
-    torch._check(
+    _check(
         alpha.shape[0] == order1 * (order1 + 1) // 2,
         lambda: f"srf_conv2d: alpha.size(0) must be F = {order1 * (order1 + 1) // 2} for {order1} tap rows",
     )
@@ -158,12 +165,12 @@ def _check_addends(shape, bias, shift, device) -> None:
     """bias ``[C_out]`` and shift ``[C_out, Ho, Wo]`` (the output's shape without the batch), each optional,
     on the input's device (a meta one would send the call to the fake kernel: an uninitialised result)."""
     for name, t in (("bias", bias), ("shift", shift)):
-        torch._check(t is None or t.device == device,
-                     lambda: f"srf_conv2d: {name} is on {t.device} but input is on {device}")
-    torch._check(bias is None or tuple(bias.shape) == (shape[1],),
-                 lambda: f"srf_conv2d: bias must be [C_out] = [{shape[1]}], got {tuple(bias.shape)}")
-    torch._check(shift is None or tuple(shift.shape) == tuple(shape[1:]),
-                 lambda: f"srf_conv2d: shift must be [C_out, Ho, Wo] = {list(shape[1:])}, got {tuple(shift.shape)}")
+        _check(t is None or t.device == device,
+               lambda: f"srf_conv2d: {name} is on {t.device} but input is on {device}")
+    _check(bias is None or tuple(bias.shape) == (shape[1],),
+           lambda: f"srf_conv2d: bias must be [C_out] = [{shape[1]}], got {tuple(bias.shape)}")
+    _check(shift is None or tuple(shift.shape) == tuple(shape[1:]),
+           lambda: f"srf_conv2d: shift must be [C_out, Ho, Wo] = {list(shape[1:])}, got {tuple(shift.shape)}")
 
 
 def _fake_output(input, taps, alpha, stride, padding, groups, bias=None, shift=None):
@@ -258,7 +265,7 @@ def _(grad_output, input, taps, alpha, stride, padding, groups, output_mask):
 
 @torch.library.register_fake("dcn_fast::srf_dense_filter", lib=_LIB)
 def _(taps, alpha):
-    torch._check(taps.dim() == 4 and alpha.dim() == 3, lambda: "srf_dense_filter: taps [T_o, T_i, N+1, K], alpha 3-D")
+    _check(taps.dim() == 4 and alpha.dim() == 3, lambda: "srf_dense_filter: taps [T_o, T_i, N+1, K], alpha 3-D")
     k = taps.shape[3]
     return taps.new_empty((alpha.shape[2], alpha.shape[1], k, k))
 
@@ -427,11 +434,11 @@ def rk_error_ratio_reference(y0, y1, terms, coeffs, rtol: float, atol: float) ->
 
 
 def _check_terms(like, terms, coeffs) -> None:
-    torch._check(coeffs.dim() == 1 and coeffs.shape[0] == len(terms),
-                 lambda: f"rk_combine: {len(terms)} terms need {len(terms)} coefficients, got {tuple(coeffs.shape)}")
+    _check(coeffs.dim() == 1 and coeffs.shape[0] == len(terms),
+           lambda: f"rk_combine: {len(terms)} terms need {len(terms)} coefficients, got {tuple(coeffs.shape)}")
     for term in terms:
-        torch._check(term.shape == like.shape and term.dtype == like.dtype,
-                     lambda: f"rk_combine: every term must be shaped and typed like the first, got {term.shape}")
+        _check(term.shape == like.shape and term.dtype == like.dtype,
+               lambda: f"rk_combine: every term must be shaped and typed like the first, got {term.shape}")
 
 
 @torch.library.register_fake("dcn_fast::rk_combine", lib=_LIB)

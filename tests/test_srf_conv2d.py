@@ -442,3 +442,32 @@ def test_cpu_kernel_output_blocks(shape, stride, groups, dtype, tol, cpu_kernel)
     actual, expected = (torch.autograd.grad(out, wrt, grad) for out in outs)
     for label, g, e in zip(("input", "alpha", "bias", "shift"), actual, expected):
         assert rel_err(g, e) < tol, label
+
+
+@pytest.mark.parametrize("backend_name", ["reference", *CPU_BACKENDS])
+def test_planned_call_equals_srf_conv2d(backend_name):
+    """plan_srf_conv2d checks a call once; the plan, run again on new inputs of the planned shape (as an
+    ODE solve's evaluations), gives srf_conv2d's outputs and gradients (taps given and not, a shift and
+    a bias, stride 2, float64), and refuses an input of another shape."""
+    from dcn_fast.functional import plan_srf_conv2d, srf_taps_for
+
+    gen = torch.Generator().manual_seed(7)
+    scale = torch.tensor([0.6], dtype=torch.float64, requires_grad=True)
+    alpha = torch.randn(num_basis(2), 3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, generator=gen, requires_grad=True)
+    kwargs = dict(stride=2, bias=bias, backend=backend_name)
+    for taps in (None, srf_taps_for(scale)):
+        x0 = torch.randn(2, 3, 11, 9, dtype=torch.float64, generator=gen)
+        call = plan_srf_conv2d(x0, scale, alpha, taps=taps, **kwargs)
+        for _ in range(2):
+            x = torch.randn(2, 3, 11, 9, dtype=torch.float64, generator=gen, requires_grad=True)
+            shift = torch.randn(5, 6, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+            outs = [call(x, shift), srf_conv2d(x, scale, alpha, taps=taps, shift=shift, **kwargs)]
+            assert rel_err(outs[0], outs[1]) < 1e-12
+            grad = torch.randn(outs[0].shape, dtype=torch.float64, generator=gen)
+            wrt = (x, scale, alpha, bias, shift)
+            actual, expected = (torch.autograd.grad(out, wrt, grad, retain_graph=True) for out in outs)
+            for label, g, e in zip(("input", "scale", "alpha", "bias", "shift"), actual, expected):
+                assert rel_err(g, e) < 1e-12, label
+        with pytest.raises(ValueError, match=r"planned for inputs of shape \[2, 3, 11, 9\], got \[2, 3, 11, 10\]"):
+            call(torch.randn(2, 3, 11, 10, dtype=torch.float64))
