@@ -190,17 +190,17 @@ def _validate(input, scale, alpha, order, truncate, stride, padding, groups, bia
     return _Spec(sharing, radius, stride, pad)
 
 
-def _check_shift(shift, input: torch.Tensor, c_out: int, spec: _Spec) -> None:
+def _check_shift(shift, input_shape: tuple, c_out: int, device: torch.device, spec: _Spec) -> None:
     """``shift`` must be a floating tensor ``[C_out, Ho, Wo]`` on the input's device."""
     k = 2 * spec.radius + 1
-    shape = (c_out, *(output_size(n, k, s, p) for n, s, p in zip(input.shape[-2:], spec.stride, spec.padding)))
+    shape = (c_out, *(output_size(n, k, s, p) for n, s, p in zip(input_shape[-2:], spec.stride, spec.padding)))
     if not isinstance(shift, torch.Tensor) or tuple(shift.shape) != shape:
         raise ValueError(f"shift must be None or a tensor of shape [C_out, Ho, Wo] = {list(shape)}, "
                          f"got {getattr(shift, 'shape', shift)!r}")
     if not shift.is_floating_point():
         raise TypeError(f"shift must be a floating-point tensor, got dtype {shift.dtype}")
-    if shift.device != input.device:
-        raise ValueError(f"shift is on {shift.device} but input is on {input.device}")
+    if shift.device != device:
+        raise ValueError(f"shift is on {shift.device} but input is on {device}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -358,9 +358,7 @@ def srf_conv2d(
     """
     call = plan_srf_conv2d(input, scale, alpha, order=order, truncate=truncate, stride=stride, padding=padding,
                            groups=groups, bias=bias, kernel_size=kernel_size, backend=backend, taps=taps)
-    if shift is not None:
-        _check_shift(shift, input, alpha.shape[2], call.spec)
-    return call(input, shift)
+    return call(input, call.checked_shift(shift))
 
 
 @dataclass(frozen=True)
@@ -379,7 +377,15 @@ class SRFCall:
     backend: str  # the resolved algorithm, or "reference"
     dtype: torch.dtype  # the dtype the convolution runs in
     input_shape: tuple
+    device: torch.device
+    c_out: int
     arguments: tuple  # the op's weights and options, or the reference's arguments
+
+    def checked_shift(self, shift: torch.Tensor | None) -> torch.Tensor | None:
+        """``shift`` after checking it is None or a floating tensor ``[C_out, Ho, Wo]`` on the input's device."""
+        if shift is not None:
+            _check_shift(shift, self.input_shape, self.c_out, self.device, self.spec)
+        return shift
 
     def __call__(self, input: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
         if tuple(input.shape) != self.input_shape:
@@ -437,11 +443,11 @@ def plan_srf_conv2d(
         # Given taps fix the radius: no host read of σ (torch.compile traces it as one graph).
         arguments = (scale, alpha, order, truncate, spec.stride, same_or_pad, groups, bias, kernel_size,
                      None if taps is None else spec.radius)
-        return SRFCall(spec, name, dtype, shape, arguments)
+        return SRFCall(spec, name, dtype, shape, input.device, alpha.shape[2], arguments)
     alpha = alpha.to(dtype)
     if taps is None:
         taps = srf_taps(scale.to(dtype), order, spec.radius, truncate if kernel_size is None else None)
     # [T_o, T_i, N+1, K]: one tap set per layer, per output channel or per pair.
     taps = taps.to(dtype).reshape(*(alpha.shape[2], -1) if spec.sharing != "layer" else (1, 1), *taps.shape[-2:])
     bias = None if bias is None else bias.to(dtype)
-    return SRFCall(spec, name, dtype, shape, (taps, alpha, bias, groups))
+    return SRFCall(spec, name, dtype, shape, input.device, alpha.shape[2], (taps, alpha, bias, groups))

@@ -8,7 +8,7 @@ from torch import nn
 from .basis import OUTGROWN_RADIUS_ERROR, SCALE_SHARING, HostReadback, num_basis, srf_taps
 from .fit import FIXED_FROM_WEIGHT, fit_srf, filter_error
 from .functional import (BACKENDS, IntPair, Padding, SRFCall, _radius_tensor, check_options, checked_radius,
-                         plan_srf_conv2d, srf_conv2d, truncation_radius)
+                         plan_srf_conv2d, truncation_radius)
 from .geometry import resolve_padding
 from .separable import dense_filters
 
@@ -231,10 +231,8 @@ class SRFConv2d(nn.Module):
         Returns:
             ``[B, C_out, Ho, Wo]``.
         """
-        scale, alpha, taps = self._restrict(
-            in_channels, self.scale if scale is None else scale, self.alpha if alpha is None else alpha, taps
-        )
-        return srf_conv2d(input, scale, alpha, taps=taps, shift=shift, **self._call_options())
+        call = self.plan(input, taps, scale=scale, alpha=alpha, in_channels=in_channels)
+        return call(input, call.checked_shift(shift))
 
     def plan(
         self,
@@ -251,11 +249,9 @@ class SRFConv2d(nn.Module):
         scale, alpha, taps = self._restrict(
             in_channels, self.scale if scale is None else scale, self.alpha if alpha is None else alpha, taps
         )
-        return plan_srf_conv2d(input, scale, alpha, taps=taps, **self._call_options())
-
-    def _call_options(self) -> dict:
-        return dict(order=self.order, truncate=self.truncate, stride=self.stride, padding=self.padding,
-                    groups=self.groups, bias=self.bias, kernel_size=self.fixed_kernel_size, backend=self.backend)
+        return plan_srf_conv2d(input, scale, alpha, taps=taps, order=self.order, truncate=self.truncate,
+                               stride=self.stride, padding=self.padding, groups=self.groups, bias=self.bias,
+                               kernel_size=self.fixed_kernel_size, backend=self.backend)
 
     def filters(
         self, taps: torch.Tensor | None = None, *, alpha: torch.Tensor | None = None, in_channels: slice = slice(None)
