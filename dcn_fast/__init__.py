@@ -4,7 +4,7 @@ from . import functional
 from .basis import MAX_RADIUS, num_basis, srf_taps
 from .drop_in import Conversion, convert_model, export_model, format_report
 from .fit import SRFFit, fit_srf
-from .functional import srf_conv2d, srf_taps_for
+from .functional import SRFCall, plan_srf_conv2d, srf_conv2d, srf_taps_for
 from .modules import SRFConv2d
 from .reference import srf_conv2d_reference, srf_filters_reference
 
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MAX_RADIUS",
     "Conversion",
+    "SRFCall",
     "SRFConv2d",
     "SRFFit",
     "convert_model",
@@ -21,6 +22,7 @@ __all__ = [
     "format_report",
     "functional",
     "num_basis",
+    "plan_srf_conv2d",
     "srf_conv2d",
     "srf_conv2d_reference",
     "srf_filters_reference",
