@@ -471,3 +471,30 @@ def test_planned_call_equals_srf_conv2d(backend_name):
                 assert rel_err(g, e) < 1e-12, label
         with pytest.raises(ValueError, match=r"planned for inputs of shape \[2, 3, 11, 9\], got \[2, 3, 11, 10\]"):
             call(torch.randn(2, 3, 11, 10, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize(
+    "shape, stride, groups",
+    [((2, 16, 3, 5, 16), 1, 1), ((1, 34, 4, 6, 21), (1, 2), 2), ((2, 35, 2, 4, 33), 1, 1), ((1, 16, 3, 4, 15), 1, 1)],
+    ids=["16-channels-16-wide", "17-per-group-21-wide-stride12", "35-channels-33-wide", "15-wide"],
+)
+def test_cpu_kernel_input_blocks(shape, stride, groups, dtype, tol, cpu_kernel):
+    """The kernel lays each input row out channels-innermost one lane x lane block (channels x columns,
+    16 x 16 in float32, 8 x 8 in float64 with AVX-512) transposed in registers, the last block of a row
+    overlapping the one before, and the channels past whole lanes (and rows narrower than a lane)
+    element by element: rows of 15, 16, 21 and 33 columns, 16, 17 and 35 channels per group, forward
+    and gradients (the backward lays out its tiles the same way) against the reference."""
+    gen = torch.Generator().manual_seed(11)
+    b, c_in, c_out, h, w = shape
+    x = torch.randn(b, c_in, h, w, dtype=torch.float64, generator=gen).to(dtype).requires_grad_()
+    scale = torch.tensor(0.3, dtype=torch.float64).to(dtype).requires_grad_()  # σ = 1.23: K = 7
+    alpha = torch.randn(num_basis(2), c_in // groups, c_out, dtype=torch.float64, generator=gen).to(dtype)
+    alpha.requires_grad_()
+    outs = [srf_conv2d(x, scale, alpha, stride=stride, groups=groups, backend=name) for name in ("cpu", "reference")]
+    assert rel_err(outs[0], outs[1]) < tol
+    grad = torch.randn(outs[0].shape, dtype=torch.float64, generator=gen).to(dtype)
+    wrt = (x, alpha, scale) if dtype == torch.float64 else (x, alpha)  # σ's float32 gradient: see above
+    actual, expected = (torch.autograd.grad(out, wrt, grad) for out in outs)
+    for label, g, e in zip(("input", "alpha", "scale"), actual, expected):
+        assert rel_err(g, e) < tol, label

@@ -198,31 +198,43 @@ struct LaneIndexOf {
       __attribute__((vector_size(kLaneBytes)));
 };
 
-template <typename scalar_t>
-inline void transpose_lanes(Lane<scalar_t> (&rows)[kLane<scalar_t>]) {
-  constexpr int64_t V = kLane<scalar_t>;
-#if defined(__GNUC__) && !defined(__clang__)
-  using Index = typename LaneIndexOf<scalar_t>::type;
-#pragma GCC unroll 8
-  for (int64_t s = V / 2; s >= 1; s /= 2) {
-    Index low, high;  // constants once unrolled
-    for (int64_t k = 0; k < V; ++k) {
-      low[k] = (k & s) ? V + k - s : k;
-      high[k] = (k & s) ? V + k : k + s;
-    }
-#pragma GCC unroll 16
-    for (int64_t i = 0; i < V; ++i) {
-      if (i & s) continue;
-      const Lane<scalar_t> a = rows[i], b = rows[i + s];
-      rows[i] = __builtin_shuffle(a, b, low);
-      rows[i + s] = __builtin_shuffle(a, b, high);
+// Stage S's two shuffle patterns, compile-time constants.
+template <typename scalar_t, int64_t S>
+struct StageIndices {
+  using index_t = std::conditional_t<sizeof(scalar_t) == 8, int64_t, int32_t>;
+  index_t low[kLane<scalar_t>], high[kLane<scalar_t>];
+  constexpr StageIndices() : low(), high() {
+    for (int64_t k = 0; k < kLane<scalar_t>; ++k) {
+      low[k] = static_cast<index_t>((k & S) ? kLane<scalar_t> + k - S : k);
+      high[k] = static_cast<index_t>((k & S) ? kLane<scalar_t> + k : k + S);
     }
   }
+};
+
+template <typename scalar_t, int64_t S = kLane<scalar_t> / 2>
+inline void transpose_lanes(Lane<scalar_t> (&rows)[kLane<scalar_t>]) {
+#if defined(__GNUC__) && !defined(__clang__)
+  using Index = typename LaneIndexOf<scalar_t>::type;
+  static constexpr StageIndices<scalar_t, S> indices{};
+  Index low, high;
+  std::memcpy(&low, indices.low, sizeof low);
+  std::memcpy(&high, indices.high, sizeof high);
+#pragma GCC unroll 16
+  for (int64_t i = 0; i < kLane<scalar_t>; ++i) {
+    if (i & S) continue;
+    const Lane<scalar_t> a = rows[i], b = rows[i + S];
+    rows[i] = __builtin_shuffle(a, b, low);
+    rows[i + S] = __builtin_shuffle(a, b, high);
+  }
+  if constexpr (S > 1) transpose_lanes<scalar_t, S / 2>(rows);
 #else
-  scalar_t block[V][V];
-  for (int64_t q = 0; q < V; ++q) std::memcpy(block[q], &rows[q], sizeof rows[q]);
-  for (int64_t v = 0; v < V; ++v)
-    for (int64_t q = 0; q < V; ++q) rows[v][q] = block[q][v];
+  if constexpr (S == kLane<scalar_t> / 2) {
+    constexpr int64_t V = kLane<scalar_t>;
+    scalar_t block[V][V];
+    for (int64_t q = 0; q < V; ++q) std::memcpy(block[q], &rows[q], sizeof rows[q]);
+    for (int64_t v = 0; v < V; ++v)
+      for (int64_t q = 0; q < V; ++q) rows[v][q] = block[q][v];
+  }
 #endif
 }
 
@@ -384,8 +396,12 @@ struct Buffers {
 };
 
 // xt[r][w][i] = zero-padded input of channel i at padded row first_padded_row + r.
+// Blocks of kLane channels x kLane columns are transposed in registers (the
+// last block of a row overlapping the one before), in rows of at least kLane
+// columns; other channels and narrower rows element by element.
 template <typename scalar_t>
 void load_tile(const scalar_t* planes, const Geometry& g, const Tile& tile, int64_t lanes, scalar_t* xt) {
+  constexpr int64_t V = kLane<scalar_t>;
   const int64_t row = g.padded_w * lanes;
   for (int64_t r = 0; r < tile.footprint; ++r) {
     scalar_t* dst_row = xt + r * row;
@@ -398,10 +414,20 @@ void load_tile(const scalar_t* planes, const Geometry& g, const Tile& tile, int6
     // C_in_g keep leftovers, which no result reads.
     std::fill(dst_row, dst_row + g.pad_w * lanes, scalar_t(0));
     std::fill(dst_row + (g.pad_w + g.width) * lanes, dst_row + row, scalar_t(0));
-    for (int64_t i = 0; i < g.c_in_g; ++i) {
-      const scalar_t* src = planes + (i * g.height + h) * g.width;
-      scalar_t* dst = dst_row + g.pad_w * lanes + i;
-      for (int64_t w = 0; w < g.width; ++w) dst[w * lanes] = src[w];
+    scalar_t* image_row = dst_row + g.pad_w * lanes;
+    const scalar_t* src_row = planes + h * g.width;  // channel i's row at src_row + i·H·W
+    int64_t i0 = 0;
+    for (; g.width >= V && i0 + V <= g.c_in_g; i0 += V)
+      for (int64_t w0 = 0; w0 < g.width; w0 += V) {
+        const int64_t first = std::min(w0, g.width - V);  // an overlapping last block: a copy, written twice
+        Lane<scalar_t> block[V];
+        for (int64_t q = 0; q < V; ++q) block[q] = load_lane(src_row + (i0 + q) * g.height * g.width + first);
+        transpose_lanes<scalar_t>(block);
+        for (int64_t v = 0; v < V; ++v) std::memcpy(image_row + (first + v) * lanes + i0, &block[v], sizeof block[v]);
+      }
+    for (int64_t i = i0; i < g.c_in_g; ++i) {
+      const scalar_t* src = src_row + i * g.height * g.width;
+      for (int64_t w = 0; w < g.width; ++w) image_row[w * lanes + i] = src[w];
     }
   }
 }
