@@ -358,39 +358,58 @@ def srf_conv2d(
     """
     call = plan_srf_conv2d(input, scale, alpha, order=order, truncate=truncate, stride=stride, padding=padding,
                            groups=groups, bias=bias, kernel_size=kernel_size, backend=backend, taps=taps)
-    return call(input, call.checked_shift(shift))
+    return call(input, shift)
+
+
+def _versions(tensors: tuple) -> tuple | None:
+    """The tensors' version counters (bumped by every in-place change; inference tensors have none),
+    or None while torch.compile traces (which reads neither, and guards on its inputs itself)."""
+    if torch.compiler.is_compiling():
+        return None
+    return tuple(None if t.is_inference() else getattr(t, "_version", None) for t in tensors)
 
 
 @dataclass(frozen=True)
 class SRFCall:
     """A validated :func:`srf_conv2d` call (from :func:`plan_srf_conv2d`), to run on inputs like the planned one.
 
-    Calling it, ``call(input, shift=None)``, convolves without checking the
-    arguments or resolving the backend again: an ODE solve convolves every
-    evaluation's state with the same weights, and those per-call checks were
-    ~50 µs of each (2-core CPU, batch 1-8). ``input`` must have the planned
-    input's shape, dtype and device; ``shift`` as in :func:`srf_conv2d`
-    (the op checks its shape).
+    ``call(input, shift=None)`` convolves without checking the weights and
+    options or resolving the backend again: an ODE solve convolves every
+    evaluation's state with the same weights, and those checks were ~50 µs of
+    each call (2-core CPU, batch 1-8). ``input`` must have the planned input's
+    shape, dtype and device, and the weights must be as planned: a call after
+    one of them changed in place (an optimizer step), or with gradients enabled
+    on a plan made without them (its taps would carry no graph to σ), raises
+    and asks for a new plan. ``shift`` is checked as in :func:`srf_conv2d`.
     """
 
     spec: _Spec
     backend: str  # the resolved algorithm, or "reference"
     dtype: torch.dtype  # the dtype the convolution runs in
     input_shape: tuple
+    input_dtype: torch.dtype
     device: torch.device
     c_out: int
     arguments: tuple  # the op's weights and options, or the reference's arguments
-
-    def checked_shift(self, shift: torch.Tensor | None) -> torch.Tensor | None:
-        """``shift`` after checking it is None or a floating tensor ``[C_out, Ho, Wo]`` on the input's device."""
-        if shift is not None:
-            _check_shift(shift, self.input_shape, self.c_out, self.device, self.spec)
-        return shift
+    weights: tuple  # the tensors given (scale, alpha, bias, taps), to detect in-place changes
+    versions: tuple
+    planned_with_grad: bool
 
     def __call__(self, input: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
-        if tuple(input.shape) != self.input_shape:
-            raise ValueError(f"this SRFCall was planned for inputs of shape {list(self.input_shape)}, "
-                             f"got {list(input.shape)}")
+        if (not isinstance(input, torch.Tensor) or tuple(input.shape) != self.input_shape
+                or input.dtype != self.input_dtype or input.device != self.device):
+            got = (f"{list(input.shape)} {input.dtype} on {input.device}" if isinstance(input, torch.Tensor)
+                   else type(input).__name__)
+            raise ValueError(f"input must match the planned input ({list(self.input_shape)} {self.input_dtype} "
+                             f"on {self.device}), got {got}")
+        if self.versions is not None and not torch.compiler.is_compiling() and _versions(self.weights) != self.versions:
+            raise RuntimeError("a weight of this SRFCall (scale, alpha, bias or taps) changed in place since it "
+                               "was planned: plan again (plan_srf_conv2d) after the weights change")
+        if not self.planned_with_grad and torch.is_grad_enabled() and any(w.requires_grad for w in self.weights):
+            raise RuntimeError("this SRFCall was planned with gradients disabled and is called with them enabled "
+                               "(its taps carry no graph to scale): plan again with gradients enabled")
+        if shift is not None:
+            _check_shift(shift, self.input_shape, self.c_out, self.device, self.spec)
         if self.backend == "reference":
             out = srf_conv2d_reference(input, *self.arguments)
             return out if shift is None else out + shift.to(out.dtype)
@@ -435,7 +454,10 @@ def plan_srf_conv2d(
     spec = _validate(input, scale, alpha, order, truncate, stride, padding, groups, bias, kernel_size, taps)
     dtype = torch.promote_types(input.dtype, alpha.dtype)
     name = resolve_backend(backend, input, dtype, alpha, groups, spec.sharing, 2 * spec.radius + 1)
-    shape = tuple(input.shape)
+    weights = tuple(t for t in (scale, alpha, bias, taps) if t is not None)
+    planned = dict(input_shape=tuple(input.shape), input_dtype=input.dtype, device=input.device,
+                   c_out=alpha.shape[2], weights=weights, versions=_versions(weights),
+                   planned_with_grad=torch.is_grad_enabled())
     if name == "reference":
         # "same" stays symbolic: the reference pads by its own filter's radius, which is
         # smaller than spec's when taps were laid out at a bound (σ(t) layers).
@@ -443,11 +465,11 @@ def plan_srf_conv2d(
         # Given taps fix the radius: no host read of σ (torch.compile traces it as one graph).
         arguments = (scale, alpha, order, truncate, spec.stride, same_or_pad, groups, bias, kernel_size,
                      None if taps is None else spec.radius)
-        return SRFCall(spec, name, dtype, shape, input.device, alpha.shape[2], arguments)
+        return SRFCall(spec, name, dtype, arguments=arguments, **planned)
     alpha = alpha.to(dtype)
     if taps is None:
         taps = srf_taps(scale.to(dtype), order, spec.radius, truncate if kernel_size is None else None)
     # [T_o, T_i, N+1, K]: one tap set per layer, per output channel or per pair.
     taps = taps.to(dtype).reshape(*(alpha.shape[2], -1) if spec.sharing != "layer" else (1, 1), *taps.shape[-2:])
     bias = None if bias is None else bias.to(dtype)
-    return SRFCall(spec, name, dtype, shape, input.device, alpha.shape[2], (taps, alpha, bias, groups))
+    return SRFCall(spec, name, dtype, arguments=(taps, alpha, bias, groups), **planned)

@@ -231,8 +231,7 @@ class SRFConv2d(nn.Module):
         Returns:
             ``[B, C_out, Ho, Wo]``.
         """
-        call = self.plan(input, taps, scale=scale, alpha=alpha, in_channels=in_channels)
-        return call(input, call.checked_shift(shift))
+        return self.plan(input, taps, scale=scale, alpha=alpha, in_channels=in_channels)(input, shift)
 
     def plan(
         self,

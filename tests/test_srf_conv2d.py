@@ -469,8 +469,42 @@ def test_planned_call_equals_srf_conv2d(backend_name):
             actual, expected = (torch.autograd.grad(out, wrt, grad, retain_graph=True) for out in outs)
             for label, g, e in zip(("input", "scale", "alpha", "bias", "shift"), actual, expected):
                 assert rel_err(g, e) < 1e-12, label
-        with pytest.raises(ValueError, match=r"planned for inputs of shape \[2, 3, 11, 9\], got \[2, 3, 11, 10\]"):
+        planned = r"input must match the planned input \(\[2, 3, 11, 9\] torch.float64 on cpu\), got "
+        with pytest.raises(ValueError, match=planned + r"\[2, 3, 11, 10\] torch.float64"):
             call(torch.randn(2, 3, 11, 10, dtype=torch.float64))
+        with pytest.raises(ValueError, match=planned + r"\[2, 3, 11, 9\] torch.float32"):
+            call(torch.randn(2, 3, 11, 9))
+        with pytest.raises(ValueError, match=planned + r"\[2, 3, 11, 9\] torch.float64 on meta"):
+            call(torch.empty(2, 3, 11, 9, dtype=torch.float64, device="meta"))
+        with pytest.raises(ValueError, match="shift must be None or a tensor of shape"):
+            call(x0, torch.zeros(6, 5, dtype=torch.float64))  # [Ho, Wo]: no broadcast on any backend
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cpu"])
+def test_planned_call_refuses_changed_weights_and_a_missing_graph(backend_name):
+    """An SRFCall keeps the weights as planned: after one of them changes in place (an optimizer step)
+    a call raises instead of mixing old taps with the new alpha; a plan made without gradients refuses
+    a call that needs them (its taps carry no graph to σ) and serves calls without them."""
+    from dcn_fast.functional import plan_srf_conv2d
+
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64, generator=gen)
+    scale = torch.tensor([0.4], dtype=torch.float64, requires_grad=True)
+    alpha = torch.randn(num_basis(2), 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    call = plan_srf_conv2d(x, scale, alpha, backend=backend_name)
+    call(x)
+    for weight in (alpha, scale):
+        with torch.no_grad():
+            weight.add_(0.01)
+        with pytest.raises(RuntimeError, match=r"changed in place since it was planned: plan again"):
+            call(x)
+        call = plan_srf_conv2d(x, scale, alpha, backend=backend_name)
+        assert rel_err(call(x), srf_conv2d(x, scale, alpha, backend=backend_name)) < 1e-12
+    with torch.no_grad():
+        call = plan_srf_conv2d(x, scale, alpha, backend=backend_name)
+        assert rel_err(call(x), srf_conv2d(x, scale, alpha, backend=backend_name)) < 1e-12
+    with pytest.raises(RuntimeError, match=r"planned with gradients disabled and is called with them enabled"):
+        call(x)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
