@@ -369,7 +369,6 @@ def _versions(tensors: tuple) -> tuple | None:
     return tuple(None if t.is_inference() else getattr(t, "_version", None) for t in tensors)
 
 
-@dataclass(frozen=True)
 class SRFCall:
     """A validated :func:`srf_conv2d` call (from :func:`plan_srf_conv2d`), to run on inputs like the planned one.
 
@@ -383,17 +382,20 @@ class SRFCall:
     and asks for a new plan. ``shift`` is checked as in :func:`srf_conv2d`.
     """
 
-    spec: _Spec
-    backend: str  # the resolved algorithm, or "reference"
-    dtype: torch.dtype  # the dtype the convolution runs in
-    input_shape: tuple
-    input_dtype: torch.dtype
-    device: torch.device
-    c_out: int
-    arguments: tuple  # the op's weights and options, or the reference's arguments
-    weights: tuple  # the tensors given (scale, alpha, bias, taps), to detect in-place changes
-    versions: tuple
-    planned_with_grad: bool
+    # A plain class, not a dataclass: torch 2.11's dynamo lost a frozen dataclass's fields
+    # built inside a compiled function ("'SRFCall' object has no attribute 'spec'").
+    def __init__(self, spec: _Spec, backend: str, dtype: torch.dtype, *, arguments: tuple, input_shape: tuple,
+                 input_dtype: torch.dtype, device: torch.device, c_out: int, weights: tuple,
+                 versions: tuple | None, planned_with_grad: bool) -> None:
+        self.spec = spec
+        self.backend = backend  # the resolved algorithm, or "reference"
+        self.dtype = dtype  # the dtype the convolution runs in
+        self.arguments = arguments  # the op's weights and options, or the reference's arguments
+        self.input_shape, self.input_dtype, self.device = input_shape, input_dtype, device
+        self.c_out = c_out
+        self.weights = weights  # the tensors given (scale, alpha, bias, taps), to detect in-place changes
+        self.versions = versions
+        self.planned_with_grad = planned_with_grad
 
     def __call__(self, input: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
         if (not isinstance(input, torch.Tensor) or tuple(input.shape) != self.input_shape
