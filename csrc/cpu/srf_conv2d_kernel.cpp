@@ -192,16 +192,20 @@ inline void store_lane(scalar_t* out, Lane<scalar_t> sum, bool accumulate, int64
 // in log2(kLane) stages; stage s swaps the off-diagonal s x s blocks of every
 // 2s x 2s block (two-source shuffles: vpermt2ps/pd with AVX-512). Compilers
 // without GCC's __builtin_shuffle go element by element.
+// The integer of scalar_t's width: a shuffle pattern's element.
+template <typename scalar_t>
+using IndexOf = std::conditional_t<sizeof(scalar_t) == 8, int64_t, int32_t>;
+
 template <typename scalar_t>
 struct LaneIndexOf {
-  typedef std::conditional_t<sizeof(scalar_t) == 8, int64_t, int32_t> type
+  typedef IndexOf<scalar_t> type
       __attribute__((vector_size(kLaneBytes)));
 };
 
 // Stage S's two shuffle patterns, compile-time constants.
 template <typename scalar_t, int64_t S>
 struct StageIndices {
-  using index_t = std::conditional_t<sizeof(scalar_t) == 8, int64_t, int32_t>;
+  using index_t = IndexOf<scalar_t>;
   index_t low[kLane<scalar_t>], high[kLane<scalar_t>];
   constexpr StageIndices() : low(), high() {
     for (int64_t k = 0; k < kLane<scalar_t>; ++k) {
